@@ -1,0 +1,8 @@
+"""pgupkeep: a long-running PostgreSQL upkeep daemon."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("pgupkeep")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

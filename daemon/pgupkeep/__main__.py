@@ -1,0 +1,5 @@
+"""`python -m pgupkeep`."""
+
+from pgupkeep.cli import main
+
+raise SystemExit(main())

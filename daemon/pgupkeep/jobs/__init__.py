@@ -1,0 +1,22 @@
+"""The job registry: every job kind plugs in here, and only here.
+
+kind = module name = policy key = `job` label.
+"""
+
+from __future__ import annotations
+
+from pgupkeep.jobs import bloat, health, long_running_queries, materialized_views, partitions
+from pgupkeep.jobs.base import JobContext, JobKind
+
+REGISTRY: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        partitions.KIND,
+        materialized_views.KIND,
+        long_running_queries.KIND,
+        bloat.KIND,
+        health.KIND,
+    )
+}
+
+__all__ = ["REGISTRY", "JobContext", "JobKind"]

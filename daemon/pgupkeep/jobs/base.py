@@ -1,0 +1,94 @@
+"""What every job receives (`JobContext`) and how a job kind is declared (`JobKind`).
+
+A job is `run(ctx) -> JobOutput`: it reads the catalog, plans, and applies the plan only when
+`ctx.apply` is true. It never times itself, catches its own failure, logs or counts metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
+
+from pgupkeep.db import DdlRunner
+from pgupkeep.policy import Target
+from pgupkeep.results import Finding, JobOutput
+from pgupkeep.units import QualifiedName
+
+
+@dataclass
+class JobContext:
+    target: Target
+    section: Any  # the job's own policy section, e.g. PartitionsSection
+    conn: psycopg.Connection
+    now: datetime  # timezone-aware
+    timezone: ZoneInfo
+    apply: bool = True
+    standby: bool = False  # the server is in recovery: nothing may be written
+    items: tuple[str, ...] | None = None  # restrict to these items (e.g. the views that are due)
+    sleep: Callable[[float], None] = time.sleep
+    connect: Callable[..., psycopg.Connection] | None = None  # another session to this target
+    ddl_runner: DdlRunner | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ddl_runner is None:
+            s = self.target.session
+            self.ddl_runner = DdlRunner(lock_timeout=s.lock_timeout, retries=s.lock_retries, sleep=self.sleep)
+
+    def run_ddl(
+        self,
+        statements: Sequence[sql.Composable | str],
+        *,
+        relations: Iterable[QualifiedName],
+        transaction: bool = True,
+        conn: psycopg.Connection | None = None,
+    ) -> None:
+        """Run DDL with lock_timeout and jittered retries; raises LockTimeoutError on giving up."""
+        assert self.ddl_runner is not None
+        self.ddl_runner.execute(conn or self.conn, statements, relations=list(relations), transaction=transaction)
+
+    def lock_findings(self) -> list[Finding]:
+        """Each DDL attempt that gave up on a lock, as a `lock_timeout` finding."""
+        assert self.ddl_runner is not None
+        return [
+            Finding(
+                kind="lock_timeout",
+                object=w.relation,
+                value=w.attempt,
+                message=f"{w.relation}: lock not granted within lock_timeout (attempt {w.attempt}); blocked by pids {list(w.blocking_pids)}",
+                detail={"blocking_pids": list(w.blocking_pids), "attempt": w.attempt, "sql": w.statement},
+            )
+            for w in self.ddl_runner.waits
+        ]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str  # = module name = policy key = `job` label
+    run: Callable[[JobContext], JobOutput]
+    writes: bool  # skipped on a standby when applying
+    per_item: bool = False  # scheduled per item (materialized views: per view)
+
+    def schedule_groups(self, section: Any) -> list[tuple[tuple[str, ...] | None, Any]]:
+        """(items, schedule) pairs this kind is scheduled by.
+
+        Per-item kinds get one scheduler job per distinct schedule: items that share a schedule
+        are due at once and run together (so views can be refreshed in dependency order).
+        """
+        if not self.per_item:
+            return [(None, section.schedule)]
+        groups: dict[str, tuple[list[str], Any]] = {}
+        for view in section.views:
+            schedule = section.schedule_of(view)
+            groups.setdefault(str(schedule), ([], schedule))[0].append(str(view.view))
+        return [(tuple(items), schedule) for items, schedule in groups.values()]
+
+def elapsed(since: float) -> timedelta:
+    return timedelta(seconds=time.monotonic() - since)

@@ -1,0 +1,13 @@
+"""The `partitions` job (being built; see its issue)."""
+
+from __future__ import annotations
+
+from pgupkeep.jobs.base import JobContext, JobKind
+from pgupkeep.results import JobOutput
+
+
+def run(ctx: JobContext) -> JobOutput:
+    raise NotImplementedError("the partitions job is not built yet")
+
+
+KIND = JobKind(name="partitions", run=run, writes=True)

@@ -1,0 +1,493 @@
+"""The policy: YAML in, a frozen and typed `Policy` out, or every problem at once.
+
+Each problem carries the file, line, column and key path it is about, so an operator can go
+straight to it. A `Policy` only exists once it is valid; the scheduler accepts nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+)
+
+from pgupkeep.schedules import Schedule, parse_schedule
+from pgupkeep.units import (
+    QualifiedName,
+    Retention,
+    format_duration,
+    parse_duration,
+    parse_qualified_name,
+    parse_retention,
+    parse_size,
+)
+
+JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+
+Duration = Annotated[
+    timedelta,
+    PlainValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d|w)$", "examples": ["30s", "5m"]}),
+]
+Size = Annotated[
+    int,
+    PlainValidator(parse_size),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "pattern": r"^\d+(\.\d+)?\s*[kKmMgGtT]?i?[bB]$"}, {"type": "integer", "minimum": 0}]}
+    ),
+]
+ScheduleText = Annotated[
+    Schedule,
+    PlainValidator(parse_schedule),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "description": "five-field cron (0 and 7 are Sunday) or 'every <duration>'", "examples": ["every 30s", "15 * * * *"]}
+    ),
+]
+RetentionText = Annotated[
+    Retention,
+    PlainValidator(parse_retention),
+    PlainSerializer(lambda r: r.integer if r.integer is not None else r.text),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "examples": ["90 days", "24 months", "2 years"]}, {"type": "integer", "minimum": 1}]}
+    ),
+]
+RelationName = Annotated[
+    QualifiedName,
+    PlainValidator(parse_qualified_name),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "description": "schema-qualified name", "examples": ["public.orders"]}),
+]
+
+_INTERVALS = ("hourly", "daily", "weekly", "monthly", "quarterly", "yearly")
+INTERVAL_HELP = "must be one of hourly, daily, weekly, monthly, quarterly, yearly or a positive integer"
+
+
+def _parse_interval(value: object) -> str | int:
+    if isinstance(value, bool):
+        raise ValueError(INTERVAL_HELP)
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(INTERVAL_HELP)
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _INTERVALS:
+            return text
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    raise ValueError(INTERVAL_HELP)
+
+
+Interval = Annotated[
+    str | int,
+    PlainValidator(_parse_interval),
+    WithJsonSchema({"anyOf": [{"enum": list(_INTERVALS)}, {"type": "integer", "minimum": 1}]}),
+]
+
+
+def _parse_timezone(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be an IANA time zone such as UTC or Europe/Berlin")
+    try:
+        ZoneInfo(value.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value.strip()!r}; use an IANA name such as Europe/Berlin") from None
+    return value.strip()
+
+
+TimezoneName = Annotated[str, PlainValidator(_parse_timezone), WithJsonSchema({"type": "string", "examples": ["UTC"]})]
+
+_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]*):(\d{1,5})$")
+
+
+def _parse_listen(value: object) -> str:
+    if isinstance(value, str):
+        match = _LISTEN_RE.match(value.strip())
+        if match and 0 <= int(match.group(2)) <= 65535:
+            return value.strip()
+    raise ValueError('must be "host:port" such as "0.0.0.0:9188"')
+
+
+Listen = Annotated[str, PlainValidator(_parse_listen), WithJsonSchema({"type": "string", "examples": ["0.0.0.0:9188"]})]
+
+
+def _parse_dsn(value: object) -> str:
+    # Messages here never quote the value: it may hold a password.
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a libpq connection URI or key=value string (is its environment variable set?)")
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(value)
+    except Exception:
+        raise ValueError("is not a valid libpq connection URI or key=value string") from None
+    return value
+
+
+Dsn = Annotated[str, PlainValidator(_parse_dsn), WithJsonSchema({"type": "string", "examples": ["${SHOP_DATABASE_URL}"]})]
+TargetName = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,63}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DaemonPolicy(_Model):
+    listen: Listen = "0.0.0.0:9188"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    timezone: TimezoneName = "UTC"
+    max_parallel_jobs: int = Field(4, ge=1, le=64)
+    shutdown_grace: Duration = timedelta(seconds=30)
+    reload_on_change: bool = True
+    max_leases: int | None = Field(None, ge=1, description="lead at most this many targets in this replica")
+    jitter: Duration = Field(timedelta(0), description="random delay added to each scheduled run")
+    misfire_grace: Duration = Field(timedelta(seconds=30), description="a run this late is skipped, not run")
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class SessionSettings(_Model):
+    connect_timeout: Duration = timedelta(seconds=5)
+    lock_timeout: Duration = timedelta(seconds=2)
+    lock_retries: int = Field(5, ge=0, le=100)
+    statement_timeout: Duration = timedelta(minutes=15)
+    idle_in_transaction_session_timeout: Duration = timedelta(minutes=1)
+
+
+class PartitionTable(_Model):
+    table: RelationName
+    interval: Interval
+    premake: int = Field(3, ge=0, le=1000)
+    retention: RetentionText | None = None
+    retention_action: Literal["detach", "drop"] = "detach"
+    on_default_conflict: Literal["fail", "skip", "move"] = "fail"
+    runway_warn: int | None = Field(
+        None, ge=0, description="finding partition_runway_low when fewer partitions than this are ready (default: premake)"
+    )
+
+
+class PartitionsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 1h")
+    tables: tuple[PartitionTable, ...] = ()
+
+
+class ViewPolicy(_Model):
+    view: RelationName
+    concurrently: Literal["required", "preferred", "never"] = "required"
+    timeout: Duration = timedelta(minutes=10)
+    schedule: ScheduleText | None = None
+
+
+class MaterializedViewsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 15m")
+    views: tuple[ViewPolicy, ...] = ()
+
+    def schedule_of(self, view: ViewPolicy) -> Schedule:
+        return view.schedule or self.schedule
+
+
+class LongRunningQueriesSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 30s")
+    warn_after: Duration = timedelta(minutes=5)
+    idle_in_transaction_after: Duration = timedelta(minutes=1)
+    cancel_after: Duration | None = None
+    terminate_after: Duration | None = None
+    dry_run: bool = False
+    ignore_users: tuple[str, ...] = ()
+    ignore_applications: tuple[str, ...] = ()
+
+
+class BloatSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 1h")
+    min_table_size: Size = 10 * 1024**2
+    max_dead_tuple_ratio: float = Field(0.2, ge=0, le=1)
+    min_dead_tuples: int = Field(1000, ge=0)
+    max_bloat_ratio: float = Field(0.5, ge=0, le=1)
+    report_top: int = Field(50, ge=0, le=10_000)
+    vacuum: bool = False
+    exact_time_budget: Duration = Field(
+        timedelta(seconds=10), description="time spent on pgstattuple_approx for the worst candidates"
+    )
+    vacuum_timeout: Duration = Field(timedelta(hours=1), description="statement_timeout of each VACUUM")
+
+
+class HealthSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 1m")
+    xid_age_threshold: int = Field(1_200_000_000, ge=1, le=2_147_483_647)
+    unused_index_min_size: Size = 10 * 1024**2
+    connections_warn_ratio: float = Field(0.8, ge=0, le=1)
+
+
+class Target(_Model):
+    name: TargetName
+    dsn: Dsn
+    connect_timeout: Duration | None = None
+    lock_timeout: Duration | None = None
+    lock_retries: int | None = Field(None, ge=0, le=100)
+    statement_timeout: Duration | None = None
+    idle_in_transaction_session_timeout: Duration | None = None
+    partitions: PartitionsSection | None = None
+    materialized_views: MaterializedViewsSection | None = None
+    long_running_queries: LongRunningQueriesSection | None = None
+    bloat: BloatSection | None = None
+    health: HealthSection | None = None
+
+    def section(self, kind: str) -> BaseModel | None:
+        return getattr(self, kind)
+
+    def job_kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind in JOB_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def session(self) -> SessionSettings:
+        """This target's session settings (defaults already merged in by the loader)."""
+        return SessionSettings(
+            **{k: getattr(self, k) for k in SessionSettings.model_fields if getattr(self, k) is not None}
+        )
+
+
+class Policy(_Model):
+    version: Literal[1]
+    daemon: DaemonPolicy = DaemonPolicy()
+    defaults: SessionSettings = SessionSettings()
+    targets: tuple[Target, ...] = ()
+
+    def target(self, name: str) -> Target:
+        for target in self.targets:
+            if target.name == name:
+                return target
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+Path_ = tuple[str | int, ...]
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _format_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Reader:
+    """Builds plain Python values from a YAML node tree, remembering where each key stood."""
+
+    def __init__(self, file: str, environ: Mapping[str, str]):
+        self.file = file
+        self.environ = environ
+        self.marks: dict[Path_, tuple[int, int]] = {}
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Path_, message: str) -> None:
+        line, col = self.where(path)
+        self.problems.append(Problem(self.file, line, col, _format_path(path), message))
+
+    def where(self, path: Path_) -> tuple[int, int]:
+        while path not in self.marks and path:
+            path = path[:-1]
+        return self.marks.get(path, (1, 1))
+
+    def expand(self, text: str, path: Path_) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = self.environ.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    self.problem(path, f"environment variable {name} is not set (write ${{{name}:-default}} to give a default)")
+                    return ""
+                return default
+            return value
+
+        return _VAR_RE.sub(substitute, text)
+
+    def build(self, node: yaml.Node, path: Path_, loader: yaml.SafeLoader) -> Any:
+        self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = loader.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    key = str(key)
+                child = (*path, key)
+                self.marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                if key in out:
+                    self.problem(child, "duplicate key")
+                    continue
+                out[key] = self.build(value_node, child, loader)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i), loader) for i, item in enumerate(node.value)]
+        value = loader.construct_object(node, deep=True)
+        if isinstance(value, str):
+            value = self.expand(value, path)
+        return value
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "literal_error":
+        msg = "must be one of " + msg.removeprefix("Input should be ").replace("'", "")
+    if kind == "string_pattern_mismatch":
+        return "must match " + str(error.get("ctx", {}).get("pattern", "the allowed pattern"))
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _merge_defaults(policy: Policy) -> Policy:
+    targets = []
+    for target in policy.targets:
+        fill = {
+            key: getattr(policy.defaults, key)
+            for key in SessionSettings.model_fields
+            if getattr(target, key) is None
+        }
+        targets.append(target.model_copy(update=fill))
+    return policy.model_copy(update={"targets": tuple(targets)})
+
+
+def _cross_checks(raw: dict[str, Any], policy: Policy, reader: _Reader) -> None:
+    seen: dict[str, int] = {}
+    for i, target in enumerate(policy.targets):
+        if target.name in seen:
+            reader.problem(("targets", i, "name"), f"duplicate target name {target.name!r} (also targets[{seen[target.name]}])")
+        seen.setdefault(target.name, i)
+        if target.partitions:
+            tables: dict[QualifiedName, int] = {}
+            for j, table in enumerate(target.partitions.tables):
+                if table.table in tables:
+                    reader.problem(
+                        ("targets", i, "partitions", "tables", j, "table"),
+                        f"duplicate table {table.table} (also tables[{tables[table.table]}])",
+                    )
+                tables.setdefault(table.table, j)
+                if isinstance(table.interval, int) and table.retention and table.retention.integer is None:
+                    reader.problem(
+                        ("targets", i, "partitions", "tables", j, "retention"),
+                        "integer intervals take an integer retention (a number of key values)",
+                    )
+                if isinstance(table.interval, str) and table.retention and table.retention.integer is not None:
+                    reader.problem(
+                        ("targets", i, "partitions", "tables", j, "retention"),
+                        "time intervals take a time retention such as 90 days or 24 months",
+                    )
+        if target.materialized_views:
+            views: dict[QualifiedName, int] = {}
+            for j, view in enumerate(target.materialized_views.views):
+                if view.view in views:
+                    reader.problem(
+                        ("targets", i, "materialized_views", "views", j, "view"),
+                        f"duplicate view {view.view} (also views[{views[view.view]}])",
+                    )
+                views.setdefault(view.view, j)
+        lrq = target.long_running_queries
+        if lrq and lrq.cancel_after is not None and lrq.terminate_after is not None and lrq.terminate_after < lrq.cancel_after:
+            reader.problem(
+                ("targets", i, "long_running_queries", "terminate_after"),
+                "must not be shorter than cancel_after (a session is cancelled before it is terminated)",
+            )
+
+
+def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] | None = None) -> Policy:
+    """Parse and validate a policy; raise PolicyError listing every problem."""
+    reader = _Reader(file, os.environ if environ is None else environ)
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            raw = reader.build(node, (), loader) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = exc.problem or str(exc)
+        raise PolicyError([Problem(file, line, col, "", f"not valid YAML: {problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError([Problem(file, 1, 1, "", f"not valid YAML: {exc}")]) from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise PolicyError([Problem(file, 1, 1, "", f"not a policy: {exc}")]) from None
+    if raw is None:
+        raise PolicyError([Problem(file, 1, 1, "", "the policy is empty; it needs at least `version: 1`")])
+    if not isinstance(raw, dict):
+        raise PolicyError([Problem(file, 1, 1, "", "the policy must be a mapping with `version: 1` at the top")])
+    policy = None
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors():
+            path = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
+            reader.problem(path, _message(error))
+    if policy is not None:
+        _cross_checks(raw, policy, reader)
+    if reader.problems:
+        unique = list(dict.fromkeys(reader.problems))
+        unique.sort(key=lambda p: (p.line, p.column))
+        raise PolicyError(unique)
+    assert policy is not None
+    return _merge_defaults(policy)
+
+
+def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Policy:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError([Problem(str(file), 1, 1, "", f"cannot read the policy: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise PolicyError([Problem(str(file), 1, 1, "", "the policy is not UTF-8 text")]) from None
+    return parse_policy(text, str(file), environ)
+
+
+def policy_schema() -> dict[str, Any]:
+    schema = Policy.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pgupkeep policy"
+    return schema

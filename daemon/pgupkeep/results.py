@@ -1,0 +1,147 @@
+"""The shared vocabulary of job results: Action, Finding, Sample and JobResult.
+
+A job returns a `JobOutput`; the runner wraps it in a `JobResult` with timing and outcome, and
+every sink (log line, metrics, health, `--json`) reads that one value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Outcome = Literal["success", "failure", "skipped"]
+
+ACTIONS = (
+    "create_partition",
+    "detach_partition",
+    "drop_partition",
+    "move_default_rows",
+    "refresh_materialized_view",
+    "cancel_backend",
+    "terminate_backend",
+    "vacuum_table",
+)
+FINDINGS = (
+    "long_running_query",
+    "idle_in_transaction",
+    "bloated_table",
+    "default_partition_rows",
+    "partition_runway_low",
+    "partition_gap",
+    "partition_overlap",
+    "invalid_index",
+    "unused_index",
+    "xid_wraparound",
+    "lock_timeout",
+    "connections_high",
+    "table_skipped_locked",
+    "matview_refresh_skipped",
+)
+
+
+@dataclass(frozen=True)
+class Action:
+    """A change a job made (applied) or would make (plan)."""
+
+    action: str
+    object: str
+    sql: str
+    applied: bool = False
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"action": self.action, "object": self.object, "sql": self.sql, "applied": self.applied}
+        out.update(self.detail)
+        return out
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something a job saw that an operator should know about."""
+
+    kind: str
+    object: str
+    value: float | int | None = None
+    message: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "object": self.object, "value": self.value}
+        if self.message:
+            out["message"] = self.message
+        out.update(self.detail)
+        return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One gauge reading, named as in the spec without the `pgupkeep_` prefix.
+
+    Labels hold only policy names (table, view) and bounded states, never query text or pids.
+    A job reports the whole set of a gauge family each run; series it stops reporting vanish.
+    """
+
+    metric: str
+    value: float
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One item (table, view, session) that failed while the job went on with the rest."""
+
+    object: str
+    message: str
+
+
+@dataclass
+class JobOutput:
+    """What a job function returns."""
+
+    actions: list[Action] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+
+    def extend(self, other: JobOutput) -> None:
+        self.actions.extend(other.actions)
+        self.findings.extend(other.findings)
+        self.samples.extend(other.samples)
+        self.errors.extend(other.errors)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    target: str
+    job: str
+    outcome: Outcome
+    duration_seconds: float
+    started_at: float  # unix time
+    actions: tuple[Action, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    samples: tuple[Sample, ...] = ()
+    errors: tuple[ItemError, ...] = ()
+    error: str | None = None
+    reason: str | None = None
+    item: str | None = None  # e.g. the view, for jobs scheduled per item
+    applied: bool = True  # False for `plan`
+    target_up: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "target": self.target,
+            "job": self.job,
+            "outcome": self.outcome,
+            "duration_seconds": round(self.duration_seconds, 6),
+            "actions": [a.to_dict() for a in self.actions],
+            "findings": [f.to_dict() for f in self.findings],
+            "error": self.error,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        if self.item:
+            out["item"] = self.item
+        if self.errors:
+            out["errors"] = [asdict(e) for e in self.errors]
+        return out
