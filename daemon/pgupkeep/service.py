@@ -1,0 +1,206 @@
+"""The daemon's lifecycle: wire the parts, serve HTTP, schedule, reload, shut down cleanly.
+
+Signal handlers only set events; the main thread acts on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pgupkeep import __version__, db
+from pgupkeep.http import HttpServer
+from pgupkeep.logs import get_logger, log_result
+from pgupkeep.metrics import Metrics
+from pgupkeep.policy import Policy, PolicyError, load_policy
+from pgupkeep.results import JobResult
+from pgupkeep.runner import Runner
+from pgupkeep.scheduler import Scheduler, planned_jobs
+
+HEARTBEAT_EVERY = timedelta(seconds=2)
+STALL_AFTER = 15.0  # seconds without a heartbeat before /healthz says the scheduler stalled
+WATCH_EVERY = 2.0
+
+
+def _fingerprint(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class Service:
+    def __init__(self, config_path: str | os.PathLike[str], policy: Policy, metrics: Metrics | None = None):
+        self.path = Path(config_path)
+        self.policy = policy
+        self.metrics = metrics or Metrics()
+        self.log = get_logger()
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self._beat = 0.0
+        self._ready = False
+        self._fingerprint = _fingerprint(self.path)
+        self.leases = db.Leases(max_leases=policy.daemon.max_leases)
+        self.runner = Runner(policy, sinks=[log_result, self.metrics.record], leases=self.leases)
+        self.scheduler = Scheduler(
+            run=self._run_job, on_overrun=self._overrun, on_missed=self._missed, probe=self._probe
+        )
+        self.http: HttpServer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.metrics.policy_loaded(True)
+        self.http = HttpServer(self.policy.daemon.listen, self.metrics.registry, self.healthy, self.ready)
+        self.http.start()
+        self.scheduler.start(self.policy, heartbeat=self._heartbeat, heartbeat_every=HEARTBEAT_EVERY)
+        self._ready = True
+        self.log.info(
+            "daemon_started",
+            version=__version__,
+            listen=self.policy.daemon.listen,
+            port=self.http.port,
+            targets=len(self.policy.targets),
+            jobs=len(planned_jobs(self.policy)),
+            config=str(self.path),
+        )
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
+
+    def serve(self) -> int:
+        """Run until asked to stop; returns the exit code."""
+        next_watch = time.monotonic() + WATCH_EVERY
+        while not self.stop_event.wait(0.2):
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload(reason="sighup")
+            if self.policy.daemon.reload_on_change and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + WATCH_EVERY
+                current = _fingerprint(self.path)
+                if current is not None and current != self._fingerprint:
+                    self.reload(reason="file_changed")
+        self.shutdown()
+        return 0
+
+    def reload(self, reason: str = "sighup") -> bool:
+        self._fingerprint = _fingerprint(self.path)
+        try:
+            new = load_policy(self.path)
+        except PolicyError as exc:
+            self.metrics.policy_loaded(False)
+            self.log.error(
+                "policy_reload_failed",
+                reason=reason,
+                config=str(self.path),
+                problems=[str(p) for p in exc.problems],
+                action="the previous policy keeps running; fix the file and it is re-read",
+            )
+            return False
+        old = self.policy
+        restart_needed = [
+            key for key in ("listen", "max_parallel_jobs", "timezone", "log_format")
+            if getattr(old.daemon, key) != getattr(new.daemon, key)
+        ]  # fmt: skip
+        gone = {t.name for t in old.targets} - {t.name for t in new.targets}
+        changed_dsn = {t.name for t in new.targets if t.name not in gone and t.name in {o.name for o in old.targets} and old.target(t.name).dsn != t.dsn}
+        for name in gone | changed_dsn:
+            self.leases.release(name)
+        for name in gone:
+            self.metrics.forget_target(name)
+        self.policy = new
+        self.runner.policy = new
+        self.scheduler.apply(new)
+        self.metrics.policy_loaded(True)
+        self.log.info(
+            "policy_loaded",
+            reason=reason,
+            config=str(self.path),
+            targets=len(new.targets),
+            jobs=len(planned_jobs(new)),
+            **({"restart_needed_for": restart_needed} if restart_needed else {}),
+        )
+        return True
+
+    def shutdown(self) -> None:
+        grace = self.policy.daemon.shutdown_grace.total_seconds()
+        self._ready = False
+        self.scheduler.pause()
+        deadline = time.monotonic() + grace
+        while self.runner.inflight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancelled = 0
+        if self.runner.inflight():
+            cancelled = self.runner.cancel_all()
+            unwind = time.monotonic() + 5
+            while self.runner.inflight() and time.monotonic() < unwind:
+                time.sleep(0.05)
+        self.scheduler.shutdown()
+        self.leases.release_all()
+        if self.http is not None:
+            self.http.stop()
+        self.log.info("daemon_stopped", cancelled_jobs=cancelled)
+
+    # ------------------------------------------------------------------ health
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.scheduler.running:
+            return False, "scheduler not running"
+        age = time.monotonic() - self._beat
+        if age > STALL_AFTER:
+            return False, f"scheduler stalled: no heartbeat for {age:.0f}s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if self._ready and self.scheduler.running:
+            return True, "ready"
+        return False, "starting" if not self._ready else "scheduler not running"
+
+    # ------------------------------------------------------------------ scheduler callbacks
+
+    def _heartbeat(self) -> None:
+        self._beat = time.monotonic()
+
+    def _run_job(self, target: str, job: str, items: tuple[str, ...] | None) -> JobResult | None:
+        if self.stop_event.is_set():
+            return None
+        try:
+            return self.runner.run(target, job, items)
+        except KeyError:  # the target or job left the policy between scheduling and running
+            return None
+
+    def _overrun(self, target: str, job: str) -> None:
+        self.metrics.overrun(target, job)
+        self.log.warning(
+            "job_skipped", target=target, job=job, reason="overrun",
+            message="the previous run is still going; this run is skipped, not queued",
+        )  # fmt: skip
+
+    def _missed(self, target: str, job: str) -> None:
+        self.log.warning("job_missed", target=target, job=job, reason="misfire_grace exceeded")
+
+    def _probe(self, target_name: str) -> None:
+        try:
+            target = self.policy.target(target_name)
+        except KeyError:
+            return
+        ok, error = self.runner.probe(target)
+        self.metrics.target_up.labels(target.name).set(1 if ok else 0)
+        if not ok:
+            self.log.warning("target_unreachable", target=target.name, error=error)
+
+
+def run_daemon(config_path: str, policy: Policy, **kw: Any) -> int:
+    service = Service(config_path, policy, **kw)
+    service.install_signal_handlers()
+    service.start()
+    return service.serve()
