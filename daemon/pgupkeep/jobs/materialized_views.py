@@ -1,13 +1,416 @@
-"""The `materialized_views` job (being built; see its issue)."""
+"""The `materialized_views` job: refresh the due views, CONCURRENTLY where the policy asks, in
+dependency order, each on its own time-boxed session and behind a per-view advisory lock.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import psycopg
+from psycopg import errors, sql
+
+from pgupkeep import db
+from pgupkeep.db import DdlRunner, LockTimeoutError
 from pgupkeep.jobs.base import JobContext, JobKind
-from pgupkeep.results import JobOutput
+from pgupkeep.policy import MaterializedViewsSection, ViewPolicy
+from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
+from pgupkeep.units import QualifiedName, format_duration, pg_milliseconds
+
+Mode = Literal["concurrent", "blocking"]
+
+# One row per configured view, in policy order. A usable unique index is what PostgreSQL's
+# is_usable_unique_index() accepts: btree, unique, immediate, valid, no predicate, plain columns.
+# Refreshing takes ownership (or MAINTAIN on 17+), checked up front so the message can say so.
+CATALOG_SQL = """
+SELECT w.schema, w.name, c.oid::bigint, c.relkind::text, coalesce(c.relispopulated, false),
+       EXISTS (
+         SELECT 1
+         FROM pg_index i
+         JOIN pg_class ic ON ic.oid = i.indexrelid
+         JOIN pg_am am ON am.oid = ic.relam
+         WHERE i.indrelid = c.oid AND i.indisunique AND i.indimmediate AND i.indisvalid
+           AND am.amname = 'btree' AND i.indpred IS NULL AND i.indexprs IS NULL
+           AND i.indnatts > 0 AND 0 < ALL (i.indkey::int2[])
+       ),
+       CASE WHEN c.oid IS NOT NULL THEN {may_refresh} END,
+       pg_get_userbyid(c.relowner)::text, current_user::text, c.reltuples::float8
+FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS w(schema, name, ord)
+LEFT JOIN pg_namespace n ON n.nspname = w.schema
+LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.name
+ORDER BY w.ord
+"""
+MAY_REFRESH_17 = "has_table_privilege(c.oid, 'MAINTAIN')"
+MAY_REFRESH_14 = "pg_has_role(c.relowner, 'USAGE')"
+
+# Which of the given matviews each one reads, directly or through plain views (a matview reads
+# another's stored rows, so recursion stops there). The view's query is its _RETURN rule, whose
+# pg_depend rows name every relation it reads; UNION keeps cyclic plain views finite.
+READS_SQL = """
+WITH RECURSIVE reads(root, rel) AS (
+    SELECT r.ev_class, d.refobjid
+    FROM pg_rewrite r
+    JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                    AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class
+    WHERE r.ev_class = ANY (%(oids)s::oid[])
+  UNION
+    SELECT reads.root, d.refobjid
+    FROM reads
+    JOIN pg_class c ON c.oid = reads.rel AND c.relkind = 'v'
+    JOIN pg_rewrite r ON r.ev_class = c.oid
+    JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                    AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class
+)
+SELECT DISTINCT root::bigint, rel::bigint FROM reads WHERE rel = ANY (%(oids)s::oid[]) AND rel <> root
+"""
+
+ROWS_SQL = "SELECT reltuples::float8 FROM pg_class WHERE oid = %s::oid"
+TRY_GUARD_SQL = "SELECT pg_try_advisory_lock(%s)"
+RELEASE_GUARD_SQL = "SELECT pg_advisory_unlock(%s)"
+ARM_SQL = "SELECT set_config('statement_timeout', %s, false)"
+
+_GUARD_PREFIX = int.from_bytes(hashlib.sha256(b"pgupkeep matview refresh").digest()[:4], "big", signed=True)
+
+RELKINDS = {"r": "table", "p": "partitioned table", "v": "view", "f": "foreign table", "S": "sequence", "i": "index"}
+NOT_POPULATED = "the view is not populated yet (created or last refreshed WITH NO DATA)"
+NO_UNIQUE_INDEX = "it has no unique index on plain columns without a WHERE clause"
+
+
+def guard_key(oid: int) -> int:
+    """The advisory-lock key that keeps two sessions from refreshing one view at once.
+
+    Keyed on the view's oid (advisory locks are per database, as oids are), under a prefix of
+    our own so it cannot meet a lease key or an application's lock in practice.
+    """
+    return _GUARD_PREFIX * 2**32 + oid
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """What the catalog says about one configured view (oid None: it does not exist)."""
+
+    view: QualifiedName
+    oid: int | None
+    relkind: str | None
+    populated: bool
+    unique_index: bool
+    may_refresh: bool
+    owner: str | None
+    role: str
+    rows: float | None
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """One intended refresh: its mode, and why it cannot run (`problem`) or falls back."""
+
+    policy: ViewPolicy
+    oid: int | None
+    mode: Mode
+    problem: str | None = None
+    fallback_reason: str | None = None
+    rows: int | None = None
+
+    @property
+    def view(self) -> QualifiedName:
+        return self.policy.view
+
+
+def refresh_sql(view: QualifiedName, mode: Mode) -> sql.Composed:
+    if mode == "concurrent":
+        return sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(sql.Identifier(*view.parts))
+    return sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.Identifier(*view.parts))
+
+
+def _rows(reltuples: float | None) -> int | None:
+    # reltuples is -1 until the relation was first vacuumed, analyzed or indexed (PG 14+).
+    return None if reltuples is None or reltuples < 0 else int(reltuples)
+
+
+# --------------------------------------------------------------------------- plan (pure)
+
+
+def dependency_order(views: Sequence[QualifiedName], reads: Mapping[QualifiedName, set[QualifiedName]]) -> list[QualifiedName]:
+    """Views ordered so that each comes after the views it reads; otherwise in policy order."""
+    pending = list(views)
+    ordered: list[QualifiedName] = []
+    while pending:
+        # `pending[0]` only on a cycle, which PostgreSQL does not let matviews form.
+        ready = next((v for v in pending if not reads.get(v, set()) & (set(pending) - {v})), pending[0])
+        pending.remove(ready)
+        ordered.append(ready)
+    return ordered
+
+
+def _permission_message(state: ViewState, maintain: bool) -> str:
+    v = state.view
+    how = f"ALTER MATERIALIZED VIEW {v} OWNER TO {state.role}, or connect as {state.owner}"
+    if maintain:
+        how += f", or GRANT MAINTAIN ON {v} TO {state.role}"
+    return f"{v}: permission denied: role {state.role} does not own the view (owner: {state.owner}); {how}"
+
+
+def plan_view(policy: ViewPolicy, state: ViewState, *, maintain: bool = False) -> Refresh:
+    """Decide how one view is refreshed, or why it cannot be, from its catalog row alone."""
+    v = policy.view
+    mode: Mode = "blocking" if policy.concurrently == "never" else "concurrent"
+    rows = _rows(state.rows)
+    if state.oid is None:
+        return Refresh(policy, None, mode, f"{v}: materialized view does not exist; create it or remove it from the policy")
+    if state.relkind != "m":
+        kind = RELKINDS.get(state.relkind or "", "relation")
+        return Refresh(policy, state.oid, mode, f"{v}: is a {kind}, not a materialized view; fix the name in the policy")
+    if not state.may_refresh:
+        return Refresh(policy, state.oid, mode, _permission_message(state, maintain))
+    if mode == "blocking":
+        return Refresh(policy, state.oid, mode, rows=rows)
+    reasons = [r for r, bad in ((NOT_POPULATED, not state.populated), (NO_UNIQUE_INDEX, not state.unique_index)) if bad]
+    if not reasons:
+        return Refresh(policy, state.oid, mode, rows=rows)
+    reason = " and ".join(reasons)
+    if policy.concurrently == "preferred":
+        return Refresh(policy, state.oid, "blocking", fallback_reason=f"cannot refresh concurrently: {reason}", rows=rows)
+    return Refresh(policy, state.oid, mode, _concurrent_problem(v, reasons), rows=rows)
+
+
+def _concurrent_problem(view: QualifiedName, reasons: Sequence[str]) -> str:
+    todo = []
+    if NOT_POPULATED in reasons:
+        todo.append(f"a plain refresh is the only way to populate it: run REFRESH MATERIALIZED VIEW {view} once")
+    if NO_UNIQUE_INDEX in reasons:
+        todo.append(f"create one (CREATE UNIQUE INDEX ON {view} (<key columns>))")
+    todo.append("or set concurrently: preferred to accept a blocking refresh")
+    return f"{view}: cannot refresh CONCURRENTLY: {' and '.join(reasons)}; {'; '.join(todo)}"
+
+
+def plan(
+    section: MaterializedViewsSection,
+    states: Mapping[QualifiedName, ViewState],
+    reads: Mapping[QualifiedName, set[QualifiedName]],
+    *,
+    items: Sequence[str] | None = None,
+    maintain: bool = False,
+) -> list[Refresh]:
+    """The refreshes due now (all configured views when `items` is None), in dependency order."""
+    policies = {p.view: p for p in section.views if items is None or str(p.view) in items}
+    return [plan_view(policies[v], states[v], maintain=maintain) for v in dependency_order(list(policies), reads)]
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def read_catalog(
+    conn: psycopg.Connection, views: Sequence[QualifiedName]
+) -> tuple[dict[QualifiedName, ViewState], dict[QualifiedName, set[QualifiedName]], bool]:
+    """Every configured view's state, which of them reads which, and whether MAINTAIN exists."""
+    maintain = conn.info.server_version >= 170000
+    query = sql.SQL(CATALOG_SQL).format(may_refresh=sql.SQL(MAY_REFRESH_17 if maintain else MAY_REFRESH_14))
+    rows = conn.execute(query, ([v.schema for v in views], [v.name for v in views])).fetchall()
+    states = {
+        QualifiedName(schema, name): ViewState(
+            QualifiedName(schema, name), oid, relkind, populated, unique_index, bool(may), owner, role, reltuples
+        )
+        for schema, name, oid, relkind, populated, unique_index, may, owner, role, reltuples in rows
+    }
+    by_oid = {s.oid: s.view for s in states.values() if s.oid is not None and s.relkind == "m"}
+    reads: dict[QualifiedName, set[QualifiedName]] = {}
+    if by_oid:
+        for root, rel in conn.execute(READS_SQL, {"oids": list(by_oid)}).fetchall():
+            reads.setdefault(by_oid[root], set()).add(by_oid[rel])
+    return states, reads, maintain
+
+
+# --------------------------------------------------------------------------- apply
+
+
+class _OutOfTime(Exception):
+    """The view's overall timeout ran out between lock retries."""
+
+
+class _Skipped(Exception):
+    """Another session holds the view's refresh guard."""
+
+
+@dataclass
+class _Done:
+    mode: Mode
+    sql: str
+    seconds: float
+    rows: int | None
+    fallback_reason: str | None
+
+
+def _budgeted_runner(ctx: JobContext, session: psycopg.Connection, deadline: float) -> DdlRunner:
+    """A DdlRunner whose retries stay within the view's overall timeout.
+
+    It shares the context runner's lock-wait record, so `ctx.lock_findings()` reports these too.
+    Before each retry the session's statement_timeout is re-armed to the time left.
+    """
+    base = ctx.ddl_runner
+    assert base is not None
+
+    def sleep(seconds: float) -> None:
+        if deadline - time.monotonic() <= seconds:
+            raise _OutOfTime
+        ctx.sleep(seconds)
+        _arm(session, deadline)
+
+    return DdlRunner(lock_timeout=base.lock_timeout, retries=base.retries, sleep=sleep, rng=base.rng, waits=base.waits)
+
+
+def _arm(session: psycopg.Connection, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _OutOfTime
+    session.execute(ARM_SQL, (pg_milliseconds(timedelta(seconds=left)),))
+
+
+def _refresh(ctx: JobContext, r: Refresh, session: psycopg.Connection) -> _Done:
+    assert r.oid is not None
+    started = time.monotonic()
+    deadline = started + r.policy.timeout.total_seconds()
+    runner = _budgeted_runner(ctx, session, deadline)
+    mode, fallback = r.mode, r.fallback_reason
+    stmt = refresh_sql(r.view, mode)
+    try:
+        # REFRESH ... CONCURRENTLY cannot run inside a transaction block.
+        runner.execute(session, [stmt], relations=[r.view], transaction=False)
+    except (errors.FeatureNotSupported, errors.ObjectNotInPrerequisiteState) as exc:
+        # The catalog said CONCURRENTLY would work but the view changed since (index dropped,
+        # refreshed WITH NO DATA): `preferred` still falls back, `required` reports it.
+        if mode != "concurrent" or r.policy.concurrently != "preferred":
+            raise
+        mode, fallback = "blocking", f"cannot refresh concurrently: {exc.diag.message_primary}"
+        stmt = refresh_sql(r.view, mode)
+        _arm(session, deadline)
+        runner.execute(session, [stmt], relations=[r.view], transaction=False)
+    seconds = time.monotonic() - started
+    row = session.execute(ROWS_SQL, (r.oid,)).fetchone()
+    return _Done(mode, stmt.as_string(session), seconds, _rows(row[0] if row else None), fallback)
+
+
+def _guarded_refresh(ctx: JobContext, r: Refresh, connect: Callable[..., psycopg.Connection]) -> _Done:
+    assert r.oid is not None
+    key = guard_key(r.oid)
+    # The view's own session: its statement_timeout is the view's timeout.
+    with connect(statement_timeout=r.policy.timeout) as session:
+        got = session.execute(TRY_GUARD_SQL, (key,)).fetchone()
+        if not (got and got[0]):
+            raise _Skipped
+        try:
+            return _refresh(ctx, r, session)
+        finally:
+            # Closing the session releases the guard anyway; unlock early when we still can.
+            with contextlib.suppress(psycopg.Error):
+                session.execute(RELEASE_GUARD_SQL, (key,))
+
+
+def error_message(view: QualifiedName, exc: Exception, policy: ViewPolicy, mode: Mode) -> str:
+    """An operator-actionable message for a refresh that failed."""
+    if isinstance(exc, LockTimeoutError):
+        return f"{view}: {str(exc).removeprefix(f'{view}: ')}"
+    if isinstance(exc, _OutOfTime):
+        return (
+            f"{view}: could not get its lock within the view's timeout {format_duration(policy.timeout)}; "
+            "see the lock_timeout findings for the blocking pids, or raise timeout"
+        )
+    if isinstance(exc, errors.CardinalityViolation):
+        return (
+            f"{view}: the new data contains duplicate rows without any null column, which a concurrent "
+            "refresh cannot apply; make the view's rows distinct (SELECT DISTINCT or a key column) "
+            "or set concurrently: never"
+        )
+    if isinstance(exc, errors.UniqueViolation):
+        index = exc.diag.constraint_name or "a unique index"
+        return (
+            f"{view}: the new data violates unique index {index} (duplicate key); fix the view's query "
+            "so the key is unique, or change the index"
+        )
+    if isinstance(exc, errors.UndefinedTable):
+        return f"{view}: materialized view does not exist; create it or remove it from the policy"
+    if isinstance(exc, errors.InsufficientPrivilege):
+        return (
+            f"{view}: permission denied ({exc.diag.message_primary}); the session's role must own the view: "
+            f"ALTER MATERIALIZED VIEW {view} OWNER TO <pgupkeep's role>"
+        )
+    if isinstance(exc, errors.QueryCanceled):
+        return (
+            f"{view}: refresh did not finish within the view's timeout {format_duration(policy.timeout)}; "
+            "raise timeout or make the view's query faster"
+        )
+    if isinstance(exc, errors.FeatureNotSupported | errors.ObjectNotInPrerequisiteState) and mode == "concurrent":
+        return (
+            f"{view}: cannot refresh CONCURRENTLY: {exc.diag.message_primary}; create a unique index on plain "
+            "columns without a WHERE clause and populate the view with one plain refresh, or set concurrently: preferred"
+        )
+    if isinstance(exc, psycopg.Error):
+        state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+        return f"{view}: refresh failed{state}: {str(exc).strip()}; fix the view's query or its data and retry"
+    return f"{view}: refresh failed: {exc}"
+
+
+def _action(r: Refresh, sql_text: str, applied: bool, detail: dict[str, Any]) -> Action:
+    detail = {"view": str(r.view), **detail}
+    return Action("refresh_materialized_view", str(r.view), sql_text, applied, detail)
 
 
 def run(ctx: JobContext) -> JobOutput:
-    raise NotImplementedError("the materialized_views job is not built yet")
+    section: MaterializedViewsSection = ctx.section
+    out = JobOutput()
+    run_started = time.monotonic()
+    states, reads, maintain = read_catalog(ctx.conn, [p.view for p in section.views])
+    refreshes = plan(section, states, reads, items=ctx.items, maintain=maintain)
+    connect = ctx.connect or functools.partial(db.connect, ctx.target)
+    for r in refreshes:
+        planned_sql = refresh_sql(r.view, r.mode).as_string(ctx.conn)
+        fallback = {"fallback_reason": r.fallback_reason} if r.fallback_reason else {}
+        if r.problem is not None:
+            out.errors.append(ItemError(str(r.view), r.problem))
+            if ctx.apply:
+                detail = {"mode": r.mode, "outcome": "failure", "duration_seconds": 0.0, "rows": None}
+                out.actions.append(_action(r, planned_sql, False, detail))
+            else:
+                out.actions.append(_action(r, planned_sql, False, {"mode": r.mode, "rows": r.rows}))
+            continue
+        if not ctx.apply:
+            out.actions.append(_action(r, planned_sql, False, {"mode": r.mode, "rows": r.rows, **fallback}))
+            continue
+        started = time.monotonic()
+        try:
+            done = _guarded_refresh(ctx, r, connect)
+        except _Skipped:
+            out.findings.append(
+                Finding(
+                    "matview_refresh_skipped",
+                    str(r.view),
+                    None,
+                    f"{r.view}: another session is refreshing it (refresh guard held); skipped this run, "
+                    "the next scheduled run refreshes it",
+                    {"view": str(r.view), "reason": "refresh_in_progress"},
+                )
+            )
+            continue
+        except (psycopg.Error, LockTimeoutError, _OutOfTime) as exc:
+            out.errors.append(ItemError(str(r.view), error_message(r.view, exc, r.policy, r.mode)))
+            detail = {"mode": r.mode, "outcome": "failure", "duration_seconds": time.monotonic() - started, "rows": None}
+            out.actions.append(_action(r, planned_sql, False, {**detail, **fallback}))
+            continue
+        fallback = {"fallback_reason": done.fallback_reason} if done.fallback_reason else {}
+        detail = {"mode": done.mode, "outcome": "success", "duration_seconds": done.seconds, "rows": done.rows}
+        out.actions.append(_action(r, done.sql, True, {**detail, **fallback}))
+        # The refresh's end on the run's (injected) clock: ctx.now plus the time since the run began.
+        finished = ctx.now.timestamp() + (time.monotonic() - run_started)
+        labels = {"view": str(r.view)}
+        out.samples.append(Sample("matview_last_refresh_timestamp_seconds", finished, labels))
+        out.samples.append(Sample("matview_refresh_duration_seconds", done.seconds, labels))
+    out.findings.extend(ctx.lock_findings())
+    return out
 
 
-KIND = JobKind(name="materialized_views", run=run, writes=True)
+KIND = JobKind(name="materialized_views", run=run, writes=True, per_item=True)
