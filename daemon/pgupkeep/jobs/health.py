@@ -1,13 +1,228 @@
-"""The `health` job (being built; see its issue)."""
+"""The `health` job: the routine checks a DBA runs by hand, as findings and gauges.
+
+Connections by state against max_connections, transaction-ID wraparound age, invalid and unused
+indexes, database size. Read-only, one query per check, for the connected database.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
 from pgupkeep.jobs.base import JobContext, JobKind
-from pgupkeep.results import JobOutput
+from pgupkeep.policy import HealthSection
+from pgupkeep.results import Finding, JobOutput, Sample
+
+# pg_stat_activity's states, as gauge labels; `unknown` counts sessions whose state this role may
+# not see (other users' sessions without pg_read_all_stats).
+STATES = {
+    "active": "active",
+    "idle": "idle",
+    "idle in transaction": "idle_in_transaction",
+    "idle in transaction (aborted)": "idle_in_transaction_aborted",
+    "fastpath function call": "fastpath_function_call",
+    "disabled": "disabled",
+}
+UNKNOWN_STATE = "unknown"
+
+# Client backends across the cluster: they are what max_connections limits.
+CONNECTIONS_SQL = """
+SELECT a.state, count(*) AS n
+FROM pg_stat_activity a
+WHERE a.backend_type = 'client backend'
+GROUP BY a.state
+"""
+
+DATABASE_SQL = """
+SELECT d.datname, age(d.datfrozenxid) AS xid_age, pg_database_size(d.oid) AS size_bytes,
+       current_setting('max_connections')::int AS max_connections,
+       (SELECT max(age(datfrozenxid)) FROM pg_database WHERE datallowconn) AS cluster_xid_age,
+       (SELECT datname FROM pg_database WHERE datallowconn ORDER BY age(datfrozenxid) DESC LIMIT 1) AS oldest_database,
+       (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()) AS stats_reset
+FROM pg_database d
+WHERE d.datname = current_database()
+"""
+
+# An index being built right now by CREATE INDEX / REINDEX CONCURRENTLY is invalid too, but
+# only until the command finishes: those are not findings.
+INVALID_INDEXES_SQL = """
+SELECT ni.nspname AS index_schema, i.relname AS index_name, nt.nspname AS table_schema, t.relname AS table_name,
+       i.relkind = 'I' AS partitioned
+FROM pg_index x
+JOIN pg_class i ON i.oid = x.indexrelid
+JOIN pg_namespace ni ON ni.oid = i.relnamespace
+JOIN pg_class t ON t.oid = x.indrelid
+JOIN pg_namespace nt ON nt.oid = t.relnamespace
+WHERE NOT x.indisvalid
+  AND x.indexrelid NOT IN (SELECT index_relid FROM pg_stat_progress_create_index WHERE index_relid <> 0)
+ORDER BY 1, 2
+"""
+
+# Sizes only for indexes nobody holds or awaits an ACCESS EXCLUSIVE lock on (on the index or its
+# table): pg_relation_size would wait behind it. Indexes behind a constraint are never unused.
+UNUSED_INDEXES_SQL = """
+WITH locked AS (
+    SELECT DISTINCT l.relation AS oid
+    FROM pg_locks l
+    WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.pid IS DISTINCT FROM pg_backend_pid()
+), sized AS (
+    SELECT s.schemaname, s.indexrelname, s.relname,
+           CASE WHEN li.oid IS NULL AND lt.oid IS NULL THEN pg_relation_size(s.indexrelid) END AS size_bytes
+    FROM pg_stat_user_indexes s
+    JOIN pg_index x ON x.indexrelid = s.indexrelid
+    LEFT JOIN locked li ON li.oid = s.indexrelid
+    LEFT JOIN locked lt ON lt.oid = s.relid
+    WHERE s.idx_scan = 0 AND x.indisvalid AND NOT x.indisunique AND NOT x.indisprimary
+      AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = s.indexrelid)
+)
+SELECT schemaname, indexrelname, relname, size_bytes
+FROM sized
+WHERE size_bytes >= %(min_size)s
+ORDER BY size_bytes DESC, schemaname, indexrelname
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the health checks read, as plain values."""
+
+    database: str
+    connections: Mapping[str | None, int]
+    max_connections: int
+    xid_age: int
+    cluster_xid_age: int
+    oldest_database: str
+    size_bytes: int
+    invalid_indexes: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    unused_indexes: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    stats_reset: Any = None
+
+
+def read(conn: psycopg.Connection, section: HealthSection) -> Snapshot:
+    with conn.cursor(row_factory=dict_row) as cur:
+        conns = {r["state"]: int(r["n"]) for r in cur.execute(CONNECTIONS_SQL)}
+        db = cur.execute(DATABASE_SQL).fetchone()
+        assert db is not None
+        invalid = cur.execute(INVALID_INDEXES_SQL).fetchall()
+        unused = cur.execute(UNUSED_INDEXES_SQL, {"min_size": section.unused_index_min_size}).fetchall()
+    return Snapshot(
+        database=db["datname"],
+        connections=conns,
+        max_connections=int(db["max_connections"]),
+        xid_age=int(db["xid_age"]),
+        cluster_xid_age=int(db["cluster_xid_age"] or db["xid_age"]),
+        oldest_database=db["oldest_database"] or db["datname"],
+        size_bytes=int(db["size_bytes"]),
+        invalid_indexes=invalid,
+        unused_indexes=unused,
+        stats_reset=db["stats_reset"],
+    )
+
+
+def connection_counts(raw: Mapping[str | None, int]) -> dict[str, int]:
+    counts = dict.fromkeys([*STATES.values(), UNKNOWN_STATE], 0)
+    for state, n in raw.items():
+        counts[STATES.get(state or "", UNKNOWN_STATE)] += n
+    return counts
+
+
+def plan(snap: Snapshot, section: HealthSection) -> JobOutput:
+    """Findings and gauges from a snapshot (pure)."""
+    out = JobOutput()
+    counts = connection_counts(snap.connections)
+    total = sum(counts.values())
+    out.samples += [Sample("connections", float(n), {"state": state}) for state, n in counts.items()]
+    out.samples.append(Sample("connections_max", float(snap.max_connections)))
+    ratio = total / snap.max_connections if snap.max_connections else 0.0
+    if ratio > section.connections_warn_ratio:
+        out.findings.append(
+            Finding(
+                kind="connections_high",
+                object=snap.database,
+                value=total,
+                message=(
+                    f"{total} of max_connections {snap.max_connections} client connections in use ({ratio:.0%}); "
+                    "new sessions will be refused at the limit: add a connection pooler or find idle sessions"
+                ),
+                detail={"connections": total, "max_connections": snap.max_connections, "ratio": round(ratio, 4), **counts},
+            )
+        )
+
+    out.samples.append(Sample("database_xid_age", float(snap.xid_age)))
+    if snap.xid_age > section.xid_age_threshold:
+        out.findings.append(
+            Finding(
+                kind="xid_wraparound",
+                object=snap.database,
+                value=snap.xid_age,
+                message=(
+                    f"{snap.database}: age(datfrozenxid) is {snap.xid_age} transactions, past {section.xid_age_threshold}; "
+                    "PostgreSQL stops accepting writes near 2 billion: find what blocks freezing (long transactions, "
+                    "abandoned replication slots or prepared transactions) and VACUUM (FREEZE) the oldest tables"
+                ),
+                detail={
+                    "database": snap.database,
+                    "xid_age": snap.xid_age,
+                    "threshold": section.xid_age_threshold,
+                    "cluster_xid_age": snap.cluster_xid_age,
+                    "oldest_database": snap.oldest_database,
+                },
+            )
+        )
+
+    out.samples.append(Sample("invalid_indexes", float(len(snap.invalid_indexes))))
+    for ix in snap.invalid_indexes:
+        name = f"{ix['index_schema']}.{ix['index_name']}"
+        table = f"{ix['table_schema']}.{ix['table_name']}"
+        fix = (
+            "attach the missing partition indexes (ALTER INDEX ... ATTACH PARTITION)"
+            if ix["partitioned"]
+            else f"DROP INDEX CONCURRENTLY {name} and create it again, or REINDEX INDEX CONCURRENTLY {name}"
+        )
+        out.findings.append(
+            Finding(
+                kind="invalid_index",
+                object=name,
+                message=(
+                    f"{name} on {table} is invalid (a CREATE INDEX CONCURRENTLY or REINDEX that failed): "
+                    f"queries do not use it but writes still maintain it; {fix}"
+                ),
+                detail={"index": name, "table": table},
+            )
+        )
+
+    out.samples.append(Sample("unused_indexes", float(len(snap.unused_indexes))))
+    since = f"since {snap.stats_reset.isoformat()}" if snap.stats_reset else "since statistics began"
+    for ix in snap.unused_indexes:
+        name = f"{ix['schemaname']}.{ix['indexrelname']}"
+        table = f"{ix['schemaname']}.{ix['relname']}"
+        out.findings.append(
+            Finding(
+                kind="unused_index",
+                object=name,
+                value=int(ix["size_bytes"]),
+                message=(
+                    f"{name} on {table} ({ix['size_bytes']} bytes) has not been scanned {since} on this server and "
+                    "backs no constraint; check standbys too, then DROP INDEX CONCURRENTLY it to save space and write work"
+                ),
+                detail={"index": name, "table": table, "size_bytes": int(ix["size_bytes"]),
+                        "stats_reset": snap.stats_reset.isoformat() if snap.stats_reset else None},
+            )
+        )
+
+    out.samples.append(Sample("database_size_bytes", float(snap.size_bytes)))
+    return out
 
 
 def run(ctx: JobContext) -> JobOutput:
-    raise NotImplementedError("the health job is not built yet")
+    section: HealthSection = ctx.section
+    return plan(read(ctx.conn, section), section)
 
 
 KIND = JobKind(name="health", run=run, writes=False)
