@@ -38,7 +38,7 @@ def format_duration(value: timedelta) -> str:
     for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
         if total_ms and total_ms % size == 0:
             return f"{total_ms // size}{unit}"
-    return f"{total_ms}ms"
+    return f"{total_ms}ms" if total_ms else "0s"
 
 
 def pg_milliseconds(value: timedelta) -> str:

@@ -1,0 +1,100 @@
+"""The configuration reference, generated from the policy model.
+
+`python -m pgupkeep.reference` rewrites config/policy.schema.json and docs/configuration.md;
+a test fails when either is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from pgupkeep.policy import (
+    BloatSection,
+    DaemonPolicy,
+    HealthSection,
+    LongRunningQueriesSection,
+    MaterializedViewsSection,
+    PartitionsSection,
+    PartitionTable,
+    SessionSettings,
+    Target,
+    ViewPolicy,
+    policy_schema,
+)
+from pgupkeep.units import format_duration
+
+SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("daemon", DaemonPolicy),
+    ("defaults (and each target)", SessionSettings),
+    ("targets[]", Target),
+    ("targets[].partitions", PartitionsSection),
+    ("targets[].partitions.tables[]", PartitionTable),
+    ("targets[].materialized_views", MaterializedViewsSection),
+    ("targets[].materialized_views.views[]", ViewPolicy),
+    ("targets[].long_running_queries", LongRunningQueriesSection),
+    ("targets[].bloat", BloatSection),
+    ("targets[].health", HealthSection),
+]
+
+
+def _default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if hasattr(value, "total_seconds"):
+        return format_duration(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[]" if not value else json.dumps([str(v) for v in value])
+    return str(value)
+
+
+def schema_text() -> str:
+    return json.dumps(policy_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def markdown() -> str:
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the policy model by `python -m pgupkeep.reference`; do not edit by hand.",
+        "A commented example of every key is `config/policy.yaml`; the JSON Schema is",
+        "`config/policy.schema.json` (also printed by `pgupkeep schema`).",
+        "",
+        "Durations: `500ms`, `30s`, `5m`, `2h`, `1d`, `1w`. Sizes: `512kB`, `10MB`, `1GB` or bytes.",
+        'Schedules: five-field cron in `daemon.timezone` (weekdays as in cron: 0 and 7 are Sunday; when',
+        "day-of-month and day-of-week are both restricted a run happens when either matches) or",
+        "`every <duration>` (at least 1s). `${VAR}` and `${VAR:-default}` are expanded in every string.",
+        "Unknown keys are errors. Top level: `version: 1`, `daemon`, `defaults`, `targets`.",
+        "",
+        "Target-level session keys (`connect_timeout`, `lock_timeout`, `lock_retries`, `statement_timeout`,",
+        "`idle_in_transaction_session_timeout`) default to the `defaults` section.",
+        "",
+    ]
+    for title, model in SECTIONS:
+        out += [f"## `{title}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for name, field in model.model_fields.items():
+            if model is Target and name in SessionSettings.model_fields:
+                continue
+            default = "required" if field.is_required() else f"`{_default(field.default)}`"
+            if model is Target and name in ("partitions", "materialized_views", "long_running_queries", "bloat", "health"):
+                default = "off"
+            text = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{name}` | {default} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write(root: Path) -> None:
+    (root / "config" / "policy.schema.json").write_text(schema_text(), encoding="utf-8")
+    (root / "docs").mkdir(exist_ok=True)
+    (root / "docs" / "configuration.md").write_text(markdown(), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd())
