@@ -1,0 +1,393 @@
+"""The bloat job against real PostgreSQL: flagging, accuracy, VACUUM, lock safety, series caps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from pgupkeep import db
+from pgupkeep.jobs import bloat
+from pgupkeep.jobs.base import JobContext
+from pgupkeep.jobs.bloat_estimate import (
+    Column,
+    Settings,
+    TableBloat,
+    TableRow,
+    autovacuum_threshold,
+    rank_key,
+    tuple_bytes,
+)
+from pgupkeep.policy import parse_policy
+from pgupkeep.results import Action, JobOutput
+
+NOW = datetime(2026, 11, 25, tzinfo=UTC)
+ROWS = 20_000  # ~2.7 MB with the payload below
+
+
+def policy_yaml(extra: str) -> str:
+    lines = "".join(f"      {line}\n" for line in extra.strip().splitlines()) if extra.strip() else ""
+    return (
+        "version: 1\n"
+        "targets:\n"
+        "  - name: t\n"
+        '    dsn: "${DSN}"\n'
+        "    lock_timeout: 3s\n"
+        "    bloat:\n"
+        "      min_table_size: 1MB\n" + lines
+    )
+
+
+def run_job(dsn: str, extra: str = "exact_time_budget: 0s", *, apply: bool = True, standby: bool = False) -> JobOutput:
+    policy = parse_policy(policy_yaml(extra), environ={"DSN": dsn})
+    target = policy.targets[0]
+    with db.connect(target) as c:
+        ctx = JobContext(
+            target=target,
+            section=target.bloat,
+            conn=c,
+            now=NOW,
+            timezone=policy.daemon.zone,
+            apply=apply,
+            standby=standby,
+            connect=lambda **kw: db.connect(target, **kw),
+        )
+        return bloat.run(ctx)
+
+
+def execute(dsn: str, *statements: str) -> None:
+    """Each call in its own session: a backend flushes its statistics when it exits."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for s in statements:
+            c.execute(s)
+
+
+def settle(dsn: str, table: str, live: int, dead: int) -> None:
+    """Wait until the statistics views show what the last statements did."""
+    deadline = time.monotonic() + 15
+    while True:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute(
+                "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables WHERE relid = %s::regclass", (table,)
+            ).fetchone()
+        if row == (live, dead):
+            return
+        assert time.monotonic() < deadline, f"{table}: statistics show {row}, expected {(live, dead)}"
+        time.sleep(0.05)
+
+
+def make_table(dsn: str, name: str, rows: int = ROWS, delete_every: int = 0, options: str = "") -> None:
+    """A table of `rows` rows, analyzed; then every `delete_every`-th row deleted (scattered)."""
+    opts = "autovacuum_enabled = off" + (f", {options}" if options else "")
+    execute(
+        dsn,
+        f"CREATE TABLE {name} (id int PRIMARY KEY, payload text) WITH ({opts})",
+        f"INSERT INTO {name} SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, {rows}) g",
+    )
+    settle(dsn, name, rows, 0)
+    execute(dsn, f"ANALYZE {name}")
+    if delete_every:
+        execute(dsn, f"DELETE FROM {name} WHERE id % {delete_every} = 0")
+        deleted = rows // delete_every
+        settle(dsn, name, rows - deleted, deleted)
+
+
+def exact_wasted(dsn: str, table: str) -> float:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        row = c.execute(
+            "SELECT (dead_tuple_len + free_space)::float8 / table_len FROM pgstattuple(%s::regclass)", (table,)
+        ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def findings_by_object(out: JobOutput, kind: str = "bloated_table") -> dict[str, dict]:
+    return {f.object: f.to_dict() for f in out.findings if f.kind == kind}
+
+
+def series(out: JobOutput, metric: str) -> dict[str, float]:
+    return {s.labels.get("table", ""): s.value for s in out.samples if s.metric == metric}
+
+
+def dead_tuples(dsn: str, table: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = %s::regclass", (table,)).fetchone()[0]
+
+
+# --------------------------------------------------------------------------- flagging and accuracy
+
+
+def test_half_deleted_table_is_flagged_near_truth_and_clean_table_is_not(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "half", delete_every=2)
+    make_table(dsn, "clean")
+    make_table(dsn, "small", rows=100, delete_every=2)  # under min_table_size: not considered
+    truth = exact_wasted(dsn, "half")
+
+    out = run_job(dsn)
+
+    found = findings_by_object(out)
+    assert set(found) == {"public.half"}
+    f = found["public.half"]
+    assert f["bloat_ratio"] == pytest.approx(truth, abs=0.12)
+    assert f == {
+        "kind": "bloated_table",
+        "object": "public.half",
+        "value": f["bloat_ratio"],
+        "message": f["message"],
+        "table": "public.half",
+        "size_bytes": f["size_bytes"],
+        "dead_tuples": 10_000,
+        "dead_tuple_ratio": 0.5,
+        "bloat_ratio": f["bloat_ratio"],
+        "bloat_bytes": f["bloat_bytes"],
+        "method": "estimate",
+        "estimate_basis": "pg_stats",
+        "last_vacuum": None,
+        "last_autovacuum": None,
+        "autovacuum_overdue": True,
+        "over": f["over"],
+        "vacuum": "off",
+        "remedy": f["remedy"],
+    }
+    assert "dead_tuples" in f["over"]
+    assert f["size_bytes"] > 2_000_000 and f["bloat_bytes"] == pytest.approx(f["size_bytes"] * f["bloat_ratio"], rel=0.01)
+    assert "VACUUM (ANALYZE) public.half" in f["remedy"] and f["message"].startswith("public.half: ")
+    assert out.actions == [] and out.errors == []
+    assert series(out, "bloated_tables") == {"": 1.0}
+    assert series(out, "table_dead_tuples") == {"public.half": 10_000.0, "public.clean": 0.0}
+    assert series(out, "table_bloat_ratio")["public.clean"] < 0.05
+
+
+def test_free_space_after_plain_vacuum_is_still_reported_as_wasted(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "vacuumed", delete_every=3)
+    execute(dsn, "DELETE FROM vacuumed WHERE id % 3 = 1")  # 2/3 gone, scattered over every page
+    execute(dsn, "VACUUM vacuumed")
+    settle(dsn, "vacuumed", ROWS - 2 * (ROWS // 3) - 1, 0)
+    truth = exact_wasted(dsn, "vacuumed")
+    assert truth > 0.55  # VACUUM made the space reusable but kept it in the table
+
+    out = run_job(dsn)
+
+    f = findings_by_object(out)["public.vacuumed"]
+    assert f["dead_tuples"] == 0 and f["dead_tuple_ratio"] == 0.0  # dead tuples alone would say 0
+    assert f["bloat_ratio"] == pytest.approx(truth, abs=0.12)
+    assert f["over"] == ["bloat"] and f["method"] == "estimate" and f["last_vacuum"] is not None
+    assert "pg_repack" in f["remedy"] and "VACUUM FULL" in f["remedy"] and "VACUUM (ANALYZE)" not in f["remedy"]
+    assert f["autovacuum_overdue"] is False
+
+
+def test_pgstattuple_approx_refines_the_worst_tables_within_budget(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "eighty", delete_every=5)
+    execute(dsn, "DELETE FROM eighty WHERE id % 5 IN (1, 2, 3)")
+    settle(dsn, "eighty", ROWS // 5, ROWS * 4 // 5)
+    truth = exact_wasted(dsn, "eighty")  # also installs the extension
+
+    with_approx = run_job(dsn, "exact_time_budget: 10s")
+    without = run_job(dsn, "exact_time_budget: 0s")
+
+    f = findings_by_object(with_approx)["public.eighty"]
+    assert f["method"] == "pgstattuple_approx" and f["estimate_basis"] == "measured"
+    assert f["bloat_ratio"] == pytest.approx(truth, abs=0.05)
+    g = findings_by_object(without)["public.eighty"]
+    assert g["method"] == "estimate" and g["bloat_ratio"] == pytest.approx(truth, abs=0.12)
+    assert sorted(f["over"]) == ["bloat", "dead_tuples"]
+
+
+# --------------------------------------------------------------------------- VACUUM
+
+
+def test_vacuum_true_plans_then_vacuums_flagged_tables(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "dirty", delete_every=2)
+    make_table(dsn, "clean")
+    vacuum_sql = 'VACUUM (ANALYZE) "public"."dirty"'
+
+    planned = run_job(dsn, "exact_time_budget: 0s\nvacuum: true", apply=False)
+    assert planned.actions == [
+        Action("vacuum_table", "public.dirty", vacuum_sql, False, {"table": "public.dirty", "dead_tuples": 10_000, "bloat_ratio": planned.actions[0].detail["bloat_ratio"]})
+    ]
+    assert findings_by_object(planned)["public.dirty"]["vacuum"] == "planned"
+    assert dead_tuples(dsn, "dirty") == 10_000  # plan changed nothing
+
+    applied = run_job(dsn, "exact_time_budget: 0s\nvacuum: true")
+    assert [(a.action, a.object, a.sql, a.applied, a.detail["table"], a.detail["outcome"]) for a in applied.actions] == [
+        ("vacuum_table", "public.dirty", vacuum_sql, True, "public.dirty", "success")
+    ]
+    assert applied.errors == []
+    settle(dsn, "dirty", ROWS // 2, 0)
+    again = run_job(dsn, "exact_time_budget: 0s\nvacuum: true")
+    assert again.actions == []  # dead tuples are gone: VACUUM has nothing left to reclaim
+    assert series(again, "table_dead_tuples")["public.dirty"] == 0.0
+
+
+def test_standby_skips_vacuum_and_says_so(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "dirty", delete_every=2)
+
+    out = run_job(dsn, "exact_time_budget: 0s\nvacuum: true", standby=True)
+
+    assert out.actions == []
+    assert findings_by_object(out)["public.dirty"]["vacuum"] == "skipped_standby"
+    assert dead_tuples(dsn, "dirty") == 10_000
+
+
+# --------------------------------------------------------------------------- locks
+
+
+@pytest.fixture
+def locked_table(fresh_database: str) -> Iterator[tuple[str, int]]:
+    """`public.busy` held ACCESS EXCLUSIVE by another session for the duration of the test."""
+    make_table(fresh_database, "busy", delete_every=2)
+    make_table(fresh_database, "free", delete_every=2)
+    holder = psycopg.connect(fresh_database, autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield fresh_database, holder.info.backend_pid
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_table_locked_access_exclusive_is_skipped_without_waiting(locked_table: tuple[str, int]):
+    dsn, pid = locked_table
+    started = time.monotonic()
+    out = run_job(dsn, "exact_time_budget: 10s\nvacuum: true")
+    assert time.monotonic() - started < 2.5  # lock_timeout is 3s: nothing waited for it
+
+    skipped = [f.to_dict() for f in out.findings if f.kind == "table_skipped_locked"]
+    assert skipped == [
+        {
+            "kind": "table_skipped_locked",
+            "object": "public.busy",
+            "value": None,
+            "message": skipped[0]["message"],
+            "table": "public.busy",
+            "lock": "held",
+            "blocking_pids": [pid],
+        }
+    ]
+    assert str(pid) in skipped[0]["message"]
+    assert set(findings_by_object(out)) == {"public.free"}
+    assert [a.object for a in out.actions] == ["public.free"] and out.errors == []
+
+
+def test_waiting_access_exclusive_lock_also_skips_the_table(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "queued")
+    reader = psycopg.connect(dsn, autocommit=True)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM queued")  # ACCESS SHARE held ...
+    waiter = psycopg.connect(dsn, autocommit=True)
+    waiter_pid = waiter.info.backend_pid
+    waiter.execute("BEGIN")
+    # ... so this ACCESS EXCLUSIVE request queues; anything asking for the table queues behind it.
+    t = threading.Thread(target=lambda: waiter.execute("LOCK TABLE queued IN ACCESS EXCLUSIVE MODE"))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        with psycopg.connect(dsn, autocommit=True) as c:
+            while not c.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (waiter_pid,)).fetchone()[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        started = time.monotonic()
+        out = run_job(dsn)
+        assert time.monotonic() - started < 2.5
+        skipped = [f.to_dict() for f in out.findings if f.kind == "table_skipped_locked"]
+        assert [(f["object"], f["lock"], f["blocking_pids"]) for f in skipped] == [("public.queued", "awaited", [waiter_pid])]
+    finally:
+        reader.execute("ROLLBACK")
+        t.join(10)
+        waiter.close()
+        reader.close()
+
+
+# --------------------------------------------------------------------------- series and partitions
+
+
+def test_report_top_caps_the_series_and_keeps_them_stable(fresh_database: str):
+    dsn = fresh_database
+    for name, every in (("t_a", 2), ("t_b", 3), ("t_c", 5), ("t_d", 0)):
+        make_table(dsn, name, delete_every=every)
+
+    first = run_job(dsn, "exact_time_budget: 0s\nreport_top: 2")
+    second = run_job(dsn, "exact_time_budget: 0s\nreport_top: 2")
+
+    for metric in ("table_dead_tuples", "table_dead_tuple_ratio", "table_bloat_ratio", "table_bloat_bytes"):
+        assert set(series(first, metric)) == {"public.t_a", "public.t_b"}
+    assert [s for s in first.samples] == [s for s in second.samples]
+    assert series(first, "bloated_tables") == {"": 2.0}  # t_a and t_b; all four counted, two get series
+
+
+def test_partitions_count_per_partition_and_roll_up_to_the_parent(fresh_database: str):
+    dsn = fresh_database
+    execute(
+        dsn,
+        "CREATE TABLE events (id int, payload text) PARTITION BY RANGE (id)",
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (20001) WITH (autovacuum_enabled = off)",
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (20001) TO (40001) WITH (autovacuum_enabled = off)",
+        "INSERT INTO events SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 40000) g",
+    )
+    settle(dsn, "events_2", 20_000, 0)
+    execute(dsn, "ANALYZE events", "DELETE FROM events WHERE id % 2 = 0")
+    settle(dsn, "events_1", 10_000, 10_000)
+    settle(dsn, "events_2", 10_000, 10_000)
+
+    out = run_job(dsn)
+
+    found = findings_by_object(out)
+    assert set(found) == {"public.events_1", "public.events_2", "public.events"}
+    parent = found["public.events"]
+    assert parent["partitions"] == 2 and parent["dead_tuples"] == 20_000 and parent["vacuum"] == "partitions"
+    assert parent["size_bytes"] == found["public.events_1"]["size_bytes"] + found["public.events_2"]["size_bytes"]
+    assert series(out, "bloated_tables") == {"": 2.0}  # the roll-up is not a table of its own
+    assert series(out, "table_dead_tuples") == {"public.events": 20_000.0, "public.events_1": 10_000.0, "public.events_2": 10_000.0}
+
+
+# --------------------------------------------------------------------------- the pure parts
+
+
+def _row(**kw: object) -> TableRow:
+    base: dict = dict(
+        oid=1, schema="public", name="t", root=None, reltuples=1000.0, relpages=10, natts=2, reloptions={},
+        size_bytes=81920, lock_granted=None, lock_pids=(), n_live_tup=1000, n_dead_tup=0, stats_seen=True,
+        last_vacuum=None, last_autovacuum=None, columns=(),
+    )  # fmt: skip
+    base.update(kw)
+    return TableRow(**base)
+
+
+def test_autovacuum_threshold_follows_reloptions_over_server_settings():
+    s = Settings(vacuum_threshold=50, vacuum_scale_factor=0.2)
+    assert autovacuum_threshold(_row(), s) == (250.0, True)
+    tuned = _row(reloptions={"autovacuum_vacuum_threshold": "10", "autovacuum_vacuum_scale_factor": "0.01"})
+    assert autovacuum_threshold(tuned, s) == (20.0, True)
+    assert autovacuum_threshold(_row(reloptions={"autovacuum_enabled": "false"}), s) == (250.0, False)
+    assert autovacuum_threshold(_row(), Settings(vacuum_max_threshold=100)) == (100.0, True)
+    assert autovacuum_threshold(_row(reltuples=-1.0), s) == (50.0, True)  # never vacuumed (14+)
+
+
+def test_tuple_layout_pads_fixed_columns_and_not_short_varlenas():
+    # int4 then int8: 4 bytes of padding before the int8; header 24; data 16 -> 40 + line pointer.
+    assert tuple_bytes((Column(4, "i", 4, 0.0), Column(8, "d", 8, 0.0)), 2) == 44
+    # int4 then a short text of 33 bytes: no padding -> 24 + 37 = 61 -> MAXALIGN 64 + 4.
+    assert tuple_bytes((Column(4, "i", 4, 0.0), Column(-1, "i", 33, 0.0)), 2) == 68
+    assert tuple_bytes((Column(4, "i", 4, 0.0), Column(-1, "i", None, None)), 2) is None
+
+
+def test_ranking_ignores_small_drift_and_breaks_ties_by_name():
+    def t(name: str, wasted: int) -> TableBloat:
+        return TableBloat(name, 10**9, 0, 0, wasted, "estimate", "pg_stats")
+
+    # 1.10 MB and 1.15 MB share a quarter-octave bucket: order by name, whichever drifted up.
+    assert [x.table for x in sorted([t("b", 1_100_000), t("a", 1_150_000)], key=rank_key)] == ["a", "b"]
+    assert [x.table for x in sorted([t("b", 1_150_000), t("a", 1_100_000)], key=rank_key)] == ["a", "b"]
+    assert [x.table for x in sorted([t("b", 4_000_000), t("a", 1_100_000)], key=rank_key)] == ["b", "a"]
