@@ -394,7 +394,8 @@ def test_cancel_after_cancels_sleeper_but_not_ignored_or_superuser(database, app
     sleeper = sessions.sleeper(app)
     ignored = sessions.sleeper(dsn_as(app, application_name="pg_dump"))
     superuser = sessions.sleeper(dsn_as(database, application_name="shop"))
-    for h in (sleeper, ignored, superuser):
+    impostor = sessions.sleeper(dsn_as(app, application_name="pgupkeep"))  # not our role
+    for h in (sleeper, ignored, superuser, impostor):
         sessions.wait(h, "active", older_than=THRESHOLD)
 
     out, finished = run_job(database, cancel_after="200ms")
@@ -402,7 +403,7 @@ def test_cancel_after_cancels_sleeper_but_not_ignored_or_superuser(database, app
     active = sorted(
         [
             expected_finding(out, h, "long_running_query", "active", finished)
-            for h in (sleeper, superuser)
+            for h in (sleeper, superuser, impostor)
         ],
         key=lambda f: -f.value,
     )
@@ -412,8 +413,8 @@ def test_cancel_after_cancels_sleeper_but_not_ignored_or_superuser(database, app
         samples=samples(active, [], oldest(*active)),
     )
     assert isinstance(sleeper.finish(), psycopg.errors.QueryCanceled)  # its client saw the cancel
-    assert sessions.state(ignored.pid) == "active" and sessions.state(superuser.pid) == "active"
-    assert ignored.thread.is_alive() and superuser.thread.is_alive()
+    for h in (ignored, superuser, impostor):
+        assert sessions.state(h.pid) == "active" and h.thread.is_alive()
 
 
 def test_terminate_after_ends_idle_in_transaction_session(database, app, sessions):
@@ -590,6 +591,27 @@ def test_role_without_signal_privilege_gets_a_clear_error(database, app, roles, 
     )
     assert isinstance(error, ItemError)
     assert sessions.state(sleeper.pid) == "active"
+
+
+def test_role_that_cannot_see_other_sessions_gets_a_clear_error(database, roles, sessions):
+    sleeper = sessions.sleeper(dsn_as(database, application_name="shop"))  # a superuser's session
+    sessions.wait(sleeper, "active", older_than=THRESHOLD)
+    app_role = roles["app"]
+
+    out, _ = run_job(dsn_as(database, user=app_role))
+
+    hidden = out.errors[0].message.split(" ")[1]
+    assert int(hidden) >= 2  # the sleeper and the test's own admin session, at least
+    assert out == JobOutput(
+        samples=samples([], [], 0.0),
+        errors=[
+            ItemError(
+                "pg_stat_activity",
+                f"pg_stat_activity: {hidden} sessions of other roles are hidden from role {app_role}, so "
+                f'they cannot be measured; GRANT pg_read_all_stats TO "{app_role}"',
+            )
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- plan, with plain values

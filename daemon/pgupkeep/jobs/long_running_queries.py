@@ -74,6 +74,13 @@ AND a.state = {state} AND {same} AND now() - {since} > {limit} \
 AND NOT r.rolsuper AND a.pid <> pg_backend_pid() AND a.application_name <> {app} \
 AND a.usename::text <> ALL ({ignore_users}::text[]) AND a.application_name <> ALL ({ignore_apps}::text[])"""
 
+# Without pg_read_all_stats (or pg_monitor) other roles' sessions show no state, query or times:
+# they cannot be measured, and saying nothing would read as "all is well".
+HIDDEN_SQL = """
+SELECT count(*) FILTER (WHERE a.query = '<insufficient privilege>' AND a.datid IS NOT NULL), current_user
+FROM pg_stat_activity AS a
+"""
+
 GRACE_SQL = """
 SELECT count(*) FROM pg_stat_activity AS a
 JOIN unnest(%s::int[], %s::timestamptz[]) AS c(pid, query_start) USING (pid)
@@ -334,6 +341,15 @@ def _await_cancels(ctx: JobContext, cancelled: Sequence[Activity]) -> None:
 def run(ctx: JobContext) -> JobOutput:
     p = plan(measure(ctx.conn), ctx.section)
     out = JobOutput(findings=p.findings, samples=p.samples)
+    hidden, role = ctx.conn.execute(HIDDEN_SQL).fetchone()  # type: ignore[misc]
+    if hidden:
+        out.errors.append(
+            ItemError(
+                "pg_stat_activity",
+                f"pg_stat_activity: {hidden} sessions of other roles are hidden from role {role}, so they "
+                f"cannot be measured; GRANT pg_read_all_stats TO {sql.Identifier(role).as_string(ctx.conn)}",
+            )
+        )
     out.extend(signal(ctx, p.signals))
     return out
 
