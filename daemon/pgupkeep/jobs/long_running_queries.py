@@ -64,9 +64,9 @@ ORDER BY a.pid
 """
 
 # One statement checks that the backend is still the one measured (pid and backend_start), in the
-# same state (same query, or same open transaction), still over the limit and still fair game,
-# and signals it: nothing can change between the check and the signal that PostgreSQL would not
-# also let happen between two statements.
+# same state (the same query, or the same idle stretch), still over the limit and still fair game,
+# and signals it, so a session that moved on since the measurement (or a new session that reused
+# its pid) is never signalled. It is printed as the action's SQL, literals and all.
 SIGNAL_SQL = """\
 SELECT {function}(a.pid) FROM pg_stat_activity AS a JOIN pg_roles AS r ON r.oid = a.usesysid \
 WHERE a.pid = {pid} AND a.backend_start = {backend_start} AND a.backend_type = 'client backend' \
