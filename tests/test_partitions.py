@@ -1,0 +1,267 @@
+"""The partitions job against a real PostgreSQL: premake, bounds recognition, default-partition
+conflicts, retention, bad input, lock safety and a 200-table target. The clock is injected."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+
+from pgupkeep import db
+from pgupkeep.jobs import partitions
+from pgupkeep.jobs.base import JobContext
+from pgupkeep.policy import parse_policy
+from pgupkeep.results import Action, Finding, ItemError, JobOutput
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def run_job(dsn: str, tables_yaml: str, now: datetime, *, apply: bool = True, timezone: str = "UTC",
+            session: str = "", sleep=lambda s: None) -> JobOutput:
+    text = (
+        f"version: 1\ndaemon:\n  timezone: {timezone}\n"
+        f"targets:\n  - name: t\n    dsn: \"${{DSN}}\"\n{session}"
+        f"    partitions:\n      tables:\n{tables_yaml}"
+    )
+    policy = parse_policy(text, environ={"DSN": dsn})
+    target = policy.targets[0]
+    with db.connect(target) as c:
+        ctx = JobContext(target=target, section=target.partitions, conn=c, now=now,
+                         timezone=policy.daemon.zone, apply=apply, sleep=sleep,
+                         connect=lambda **kw: db.connect(target, **kw))
+        return partitions.run(ctx)
+
+
+def bounds(conn: psycopg.Connection, parent: str) -> list[tuple[str, str]]:
+    """(partition, bound expression) of a parent, by name, read in UTC."""
+    conn.execute("SET TimeZone = 'UTC'")
+    return conn.execute(
+        """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass ORDER BY 1""",
+        (parent,),
+    ).fetchall()
+
+
+def actions(out: JobOutput) -> list[tuple[str, str, bool]]:
+    return [(a.action, a.object, a.applied) for a in out.actions]
+
+
+def samples(out: JobOutput) -> dict[tuple[str, str], float]:
+    return {(s.metric, s.labels["table"]): s.value for s in out.samples}
+
+
+MONTHLY = "        - table: public.orders\n          interval: monthly\n"
+
+
+def test_monthly_premake_then_idempotent(conn: psycopg.Connection, database: str) -> None:
+    conn.execute("CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY, created_at timestamptz NOT NULL "
+                 "DEFAULT now(), note text COMMENT_ME, amount numeric CHECK (amount >= 0)) PARTITION BY RANGE (created_at)"
+                 .replace(" COMMENT_ME", ""))
+    conn.execute("COMMENT ON COLUMN orders.note IS 'free text'")
+    conn.execute("ALTER TABLE orders ADD PRIMARY KEY (id, created_at)")
+    now = datetime(2026, 11, 25, 10, tzinfo=UTC)
+
+    planned = run_job(database, MONTHLY, now, apply=False)
+    assert bounds(conn, "orders") == []  # plan changes nothing
+    out = run_job(database, MONTHLY, now)
+    assert [a.sql for a in planned.actions] == [a.sql for a in out.actions]
+    assert actions(out) == [
+        ("create_partition", "public.orders_2026_11", True),
+        ("create_partition", "public.orders_2026_12", True),
+        ("create_partition", "public.orders_2027_01", True),
+        ("create_partition", "public.orders_2027_02", True),
+    ]
+    assert out.actions[0] == Action(
+        "create_partition", "public.orders_2026_11",
+        'CREATE TABLE "public"."orders_2026_11" (LIKE "public"."orders" INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
+        "INCLUDING STORAGE INCLUDING COMMENTS INCLUDING GENERATED INCLUDING COMPRESSION);\n"
+        'ALTER TABLE "public"."orders" ATTACH PARTITION "public"."orders_2026_11" FOR VALUES FROM '
+        "('2026-11-01 00:00:00+00:00') TO ('2026-12-01 00:00:00+00:00');",
+        True,
+        {"table": "public.orders", "range": "[2026-11-01 00:00:00+00:00, 2026-12-01 00:00:00+00:00)", "interval": "monthly"},
+    )
+    assert out.errors == [] and out.findings == []
+    assert samples(out) == {
+        ("partition_premade", "public.orders"): 3.0,
+        ("partition_default_rows", "public.orders"): 0.0,
+        ("partition_runway_seconds", "public.orders"): (datetime(2027, 3, 1, tzinfo=UTC) - now).total_seconds(),
+    }
+    assert bounds(conn, "orders")[0] == (
+        "orders_2026_11", "FOR VALUES FROM ('2026-11-01 00:00:00+00') TO ('2026-12-01 00:00:00+00')")
+    # The partition has the parent's shape: defaults, checks, comments, and the PK on ATTACH.
+    conn.execute("INSERT INTO orders (note, amount) VALUES ('x', 1)")
+    assert conn.execute("SELECT col_description('orders_2026_12'::regclass, 3)").fetchone()[0] == "free text"
+    assert conn.execute("SELECT count(*) FROM pg_index WHERE indrelid = 'orders_2027_01'::regclass AND indisprimary").fetchone()[0] == 1
+
+    again = run_job(database, MONTHLY, now)
+    assert (again.actions, again.findings, again.errors) == ([], [], [])
+    assert samples(again) == samples(out)
+
+
+def test_plan_reports_low_runway_and_changes_nothing(conn: psycopg.Connection, database: str) -> None:
+    conn.execute("CREATE TABLE low (ts timestamptz NOT NULL) PARTITION BY RANGE (ts)")
+    conn.execute("CREATE TABLE low_cur PARTITION OF low FOR VALUES FROM ('2026-11-01+00') TO ('2026-12-01+00')")
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    yaml = "        - table: public.low\n          interval: monthly\n          premake: 2\n"
+    out = run_job(database, yaml, now, apply=False)
+    assert actions(out) == [("create_partition", "public.low_2026_12", False), ("create_partition", "public.low_2027_01", False)]
+    assert out.findings == [Finding(
+        "partition_runway_low", "public.low", 0,
+        "public.low: only 0 partitions are ready after the current one (want 2); see this run's errors or "
+        "findings for what stopped pgupkeep from creating more",
+        {"table": "public.low", "premade": 0, "want": 2, "runway_seconds": 6 * 86400.0},
+    )]
+    assert bounds(conn, "low") == [("low_cur", "FOR VALUES FROM ('2026-11-01 00:00:00+00') TO ('2026-12-01 00:00:00+00')")]
+
+
+def create_parent(conn: psycopg.Connection, name: str, key_type: str = "timestamptz") -> None:
+    conn.execute(f"CREATE TABLE {name} (id bigint, k {key_type} NOT NULL, v text) PARTITION BY RANGE (k)")
+
+
+CALENDAR_CASES = [
+    # interval, key type, now, premake, expected (name suffix, bound expression read in UTC)
+    ("daily", "timestamptz", datetime(2026, 3, 28, 12, tzinfo=BERLIN), 2, [
+        ("2026_03_28", "FROM ('2026-03-27 23:00:00+00') TO ('2026-03-28 23:00:00+00')"),
+        ("2026_03_29", "FROM ('2026-03-28 23:00:00+00') TO ('2026-03-29 22:00:00+00')"),
+        ("2026_03_30", "FROM ('2026-03-29 22:00:00+00') TO ('2026-03-30 22:00:00+00')")]),
+    ("daily", "timestamptz", datetime(2026, 10, 24, 12, tzinfo=BERLIN), 1, [
+        ("2026_10_24", "FROM ('2026-10-23 22:00:00+00') TO ('2026-10-24 22:00:00+00')"),
+        ("2026_10_25", "FROM ('2026-10-24 22:00:00+00') TO ('2026-10-25 23:00:00+00')")]),
+    # Autumn: the wall clock shows 02:00 twice; both hours get a partition, neither twice.
+    ("hourly", "timestamptz", datetime(2026, 10, 25, 0, 30, tzinfo=UTC), 3, [
+        ("2026_10_25_02", "FROM ('2026-10-25 00:00:00+00') TO ('2026-10-25 01:00:00+00')"),
+        ("2026_10_25_02_2", "FROM ('2026-10-25 01:00:00+00') TO ('2026-10-25 02:00:00+00')"),
+        ("2026_10_25_03", "FROM ('2026-10-25 02:00:00+00') TO ('2026-10-25 03:00:00+00')"),
+        ("2026_10_25_04", "FROM ('2026-10-25 03:00:00+00') TO ('2026-10-25 04:00:00+00')")]),
+    # Spring: 02:00 does not exist; 01:00 is followed by 03:00 with no hole.
+    ("hourly", "timestamptz", datetime(2026, 3, 29, 0, 30, tzinfo=UTC), 1, [
+        ("2026_03_29_01", "FROM ('2026-03-29 00:00:00+00') TO ('2026-03-29 01:00:00+00')"),
+        ("2026_03_29_03", "FROM ('2026-03-29 01:00:00+00') TO ('2026-03-29 02:00:00+00')")]),
+    ("hourly", "timestamp", datetime(2026, 12, 31, 23, 30, tzinfo=BERLIN), 1, [
+        ("2026_12_31_23", "FROM ('2026-12-31 23:00:00') TO ('2027-01-01 00:00:00')"),
+        ("2027_01_01_00", "FROM ('2027-01-01 00:00:00') TO ('2027-01-01 01:00:00')")]),
+    ("daily", "date", datetime(2028, 2, 28, 23, 30, tzinfo=BERLIN), 2, [
+        ("2028_02_28", "FROM ('2028-02-28') TO ('2028-02-29')"),
+        ("2028_02_29", "FROM ('2028-02-29') TO ('2028-03-01')"),
+        ("2028_03_01", "FROM ('2028-03-01') TO ('2028-03-02')")]),
+    ("weekly", "timestamp", datetime(2026, 12, 30, tzinfo=BERLIN), 1, [
+        ("2026_w53", "FROM ('2026-12-28 00:00:00') TO ('2027-01-04 00:00:00')"),
+        ("2027_w01", "FROM ('2027-01-04 00:00:00') TO ('2027-01-11 00:00:00')")]),
+    ("monthly", "timestamptz", datetime(2028, 1, 31, 23, 30, tzinfo=BERLIN), 1, [
+        ("2028_01", "FROM ('2027-12-31 23:00:00+00') TO ('2028-01-31 23:00:00+00')"),
+        ("2028_02", "FROM ('2028-01-31 23:00:00+00') TO ('2028-02-29 23:00:00+00')")]),
+    ("quarterly", "date", datetime(2026, 12, 31, 23, 30, tzinfo=BERLIN), 1, [
+        ("2026_q4", "FROM ('2026-10-01') TO ('2027-01-01')"),
+        ("2027_q1", "FROM ('2027-01-01') TO ('2027-04-01')")]),
+    # 23:30 UTC on New Year's Eve is already 2027 in Berlin.
+    ("yearly", "timestamptz", datetime(2026, 12, 31, 23, 30, tzinfo=UTC), 1, [
+        ("2027", "FROM ('2026-12-31 23:00:00+00') TO ('2027-12-31 23:00:00+00')"),
+        ("2028", "FROM ('2027-12-31 23:00:00+00') TO ('2028-12-31 23:00:00+00')")]),
+]
+
+
+@pytest.mark.parametrize("interval,key_type,now,premake,expected", CALENDAR_CASES)
+def test_calendar_in_berlin(conn: psycopg.Connection, database: str, interval, key_type, now, premake, expected) -> None:
+    name = f"cal_{interval}_{key_type}_{now:%Y%m%d%H}"
+    create_parent(conn, name, key_type)
+    yaml = f"        - table: public.{name}\n          interval: {interval}\n          premake: {premake}\n"
+    out = run_job(database, yaml, now, timezone="Europe/Berlin")
+    assert out.errors == [] and out.findings == []
+    assert bounds(conn, name) == [(f"{name}_{s}", f"FOR VALUES {b}") for s, b in expected]
+    assert run_job(database, yaml, now, timezone="Europe/Berlin").actions == []
+
+
+def test_integer_interval_counts_from_max_key(conn: psycopg.Connection, database: str) -> None:
+    create_parent(conn, "ints", "bigint")
+    conn.execute("CREATE TABLE ints_low PARTITION OF ints FOR VALUES FROM (0) TO (1000)")
+    conn.execute("CREATE TABLE ints_mid PARTITION OF ints FOR VALUES FROM (1000) TO (2000)")
+    conn.execute("CREATE TABLE ints_def PARTITION OF ints DEFAULT")
+    conn.execute("INSERT INTO ints (k) VALUES (5), (1500), (99999999)")  # the stray one sits in the default
+    yaml = "        - table: public.ints\n          interval: 1000\n          premake: 2\n          retention: 500\n"
+    out = run_job(database, yaml, datetime(2026, 1, 1, tzinfo=UTC))
+    assert actions(out) == [
+        ("create_partition", "public.ints_2000", True),
+        ("create_partition", "public.ints_3000", True),
+        ("detach_partition", "public.ints_low", True),
+    ]
+    assert out.actions[2].sql == 'ALTER TABLE "public"."ints" DETACH PARTITION "public"."ints_low";'
+    assert out.errors == []
+    assert out.findings == [Finding(
+        "default_partition_rows", "public.ints", 1,
+        "public.ints: 1 rows sit in the default partition public.ints_def, outside any range pgupkeep is "
+        "about to create; create partitions for them and move them out",
+        {"table": "public.ints", "conflict": False, "range": None, "resolution": None,
+         "default_partition": "public.ints_def"},
+    )]
+    assert samples(out) == {("partition_premade", "public.ints"): 2.0, ("partition_default_rows", "public.ints"): 1.0}
+    assert bounds(conn, "ints") == [
+        ("ints_2000", "FOR VALUES FROM ('2000') TO ('3000')"),
+        ("ints_3000", "FOR VALUES FROM ('3000') TO ('4000')"),
+        ("ints_def", "DEFAULT"),
+        ("ints_mid", "FOR VALUES FROM ('1000') TO ('2000')"),
+    ]
+
+
+def test_bounds_not_names(conn: psycopg.Connection, database: str) -> None:
+    create_parent(conn, "bnn")
+    conn.execute("CREATE TABLE bnn_by_hand PARTITION OF bnn FOR VALUES FROM ('2026-11-01+00') TO ('2026-12-01+00')")
+    conn.execute("CREATE TABLE other_tool_name PARTITION OF bnn FOR VALUES FROM ('2026-12-01+00') TO ('2027-01-01+00')")
+    conn.execute("CREATE TABLE bnn_2027_01 (x int)")  # the spec name is taken by an unrelated table
+    conn.execute("CREATE TABLE bnn_2027_02 PARTITION OF bnn FOR VALUES FROM ('2026-03-01+00') TO ('2026-04-01+00')")
+    out = run_job(database, "        - table: public.bnn\n          interval: monthly\n", datetime(2026, 11, 2, tzinfo=UTC))
+    assert actions(out) == [
+        ("create_partition", "public.bnn_2027_01_2", True),
+        ("create_partition", "public.bnn_2027_02_2", True),
+    ]
+    kinds = sorted(f.kind for f in out.findings)
+    assert kinds == ["partition_gap"]  # the old March one is followed by a hole until November
+    assert out.findings[0].detail["range"] == "[2026-04-01 00:00:00+00:00, 2026-11-01 00:00:00+00:00)"
+    assert out.errors == []
+
+
+def test_gap_and_overlap_are_reported_not_fixed(conn: psycopg.Connection, database: str) -> None:
+    create_parent(conn, "go")
+    conn.execute("CREATE TABLE go_a PARTITION OF go FOR VALUES FROM ('2026-10-01+00') TO ('2026-11-01+00')")
+    conn.execute("CREATE TABLE go_b PARTITION OF go FOR VALUES FROM ('2026-11-10+00') TO ('2026-12-15+00')")
+    out = run_job(database, "        - table: public.go\n          interval: monthly\n          premake: 2\n",
+                  datetime(2026, 11, 20, tzinfo=UTC), apply=False)
+    assert actions(out) == [("create_partition", "public.go_2027_01", False)]
+    assert [(f.kind, f.detail.get("range")) for f in out.findings] == [
+        ("partition_gap", "[2026-11-01 00:00:00+00:00, 2026-11-10 00:00:00+00:00)"),
+        ("partition_overlap", "[2026-11-01 00:00:00+00:00, 2026-12-01 00:00:00+00:00)"),
+        ("partition_overlap", "[2026-12-01 00:00:00+00:00, 2027-01-01 00:00:00+00:00)"),
+        ("partition_runway_low", None),
+    ]
+    assert out.findings[1].message == (
+        "public.go: the monthly range [2026-11-01 00:00:00+00:00, 2026-12-01 00:00:00+00:00) is partly covered by "
+        "public.go_b; pgupkeep will not create an overlapping partition: align those bounds to the interval by hand")
+    assert samples(out)[("partition_premade", "public.go")] == 0.0
+    assert samples(out)[("partition_runway_seconds", "public.go")] == 25 * 86400.0
+
+
+def test_bad_input_fails_only_that_table(conn: psycopg.Connection, database: str) -> None:
+    conn.execute("CREATE TABLE plain (k timestamptz)")
+    conn.execute("CREATE TABLE bylist (k int) PARTITION BY LIST (k)")
+    conn.execute("CREATE TABLE byhash (k int) PARTITION BY HASH (k)")
+    conn.execute("CREATE TABLE intkey (k int) PARTITION BY RANGE (k)")
+    conn.execute("CREATE TABLE tskey (k timestamptz) PARTITION BY RANGE (k)")
+    conn.execute("CREATE TABLE datekey (k date) PARTITION BY RANGE (k)")
+    conn.execute("CREATE TABLE exprkey (k int) PARTITION BY RANGE ((k + 1))")
+    conn.execute("CREATE TABLE good (k timestamptz) PARTITION BY RANGE (k)")
+    yaml = "".join(f"        - table: public.{n}\n          interval: {i}\n          premake: 0\n" for n, i in [
+        ("missing", "daily"), ("plain", "daily"), ("bylist", "daily"), ("byhash", "daily"), ("intkey", "monthly"),
+        ("tskey", 100), ("datekey", "hourly"), ("exprkey", "daily"), ("good", "daily")])
+    out = run_job(database, yaml, datetime(2026, 5, 5, tzinfo=UTC))
+    assert out.errors == [
+        ItemError("public.missing", "public.missing: table does not exist; create it PARTITION BY RANGE or remove it from the policy"),
+        ItemError("public.plain", "public.plain: is not a partitioned table; recreate it PARTITION BY RANGE (<key>) or remove it from the policy"),
+        ItemError("public.bylist", "public.bylist: is partitioned by list, pgupkeep manages only PARTITION BY RANGE tables; remove it from the policy"),
+        ItemError("public.byhash", "public.byhash: is partitioned by hash, pgupkeep manages only PARTITION BY RANGE tables; remove it from the policy"),
+        ItemError("public.intkey", "public.intkey: interval monthly needs a time key but the partition key has type int4; use an integer width"),
+        ItemError("public.tskey", "public.tskey: interval 100 is an integer width but the partition key has type timestamptz; use a time interval such as monthly"),
+        ItemError("public.datekey", "public.datekey: interval hourly needs a timestamp or timestamptz key, the partition key has type date; use daily or longer"),
+        ItemError("public.exprkey", "public.exprkey: the partition key must be a single column (not an expression or several columns); remove it from the policy"),
+    ]
+    assert actions(out) == [("create_partition", "public.good_2026_05_05", True)]
