@@ -230,7 +230,7 @@ def read_catalog(
 
 
 class _OutOfTime(Exception):
-    """The view's overall timeout ran out between lock retries."""
+    """The view's overall timeout ran out while its refresh was waiting for the lock."""
 
 
 class _Skipped(Exception):
@@ -238,12 +238,15 @@ class _Skipped(Exception):
 
 
 @dataclass
-class _Done:
+class _Attempt:
+    """The refresh as it goes: its mode and SQL can change once (preferred's fallback)."""
+
     mode: Mode
     sql: str
-    seconds: float
-    rows: int | None
     fallback_reason: str | None
+    started: float = 0.0
+    seconds: float = 0.0
+    rows: int | None = None
 
 
 def _budgeted_runner(ctx: JobContext, session: psycopg.Connection, deadline: float) -> DdlRunner:
@@ -271,31 +274,36 @@ def _arm(session: psycopg.Connection, deadline: float) -> None:
     session.execute(ARM_SQL, (pg_milliseconds(timedelta(seconds=left)),))
 
 
-def _refresh(ctx: JobContext, r: Refresh, session: psycopg.Connection) -> _Done:
+def _refresh(ctx: JobContext, r: Refresh, session: psycopg.Connection, attempt: _Attempt) -> None:
     assert r.oid is not None
-    started = time.monotonic()
-    deadline = started + r.policy.timeout.total_seconds()
+    deadline = attempt.started + r.policy.timeout.total_seconds()
     runner = _budgeted_runner(ctx, session, deadline)
-    mode, fallback = r.mode, r.fallback_reason
-    stmt = refresh_sql(r.view, mode)
+    waits_before = len(runner.waits)
     try:
-        # REFRESH ... CONCURRENTLY cannot run inside a transaction block.
-        runner.execute(session, [stmt], relations=[r.view], transaction=False)
-    except (errors.FeatureNotSupported, errors.ObjectNotInPrerequisiteState) as exc:
-        # The catalog said CONCURRENTLY would work but the view changed since (index dropped,
-        # refreshed WITH NO DATA): `preferred` still falls back, `required` reports it.
-        if mode != "concurrent" or r.policy.concurrently != "preferred":
-            raise
-        mode, fallback = "blocking", f"cannot refresh concurrently: {exc.diag.message_primary}"
-        stmt = refresh_sql(r.view, mode)
-        _arm(session, deadline)
-        runner.execute(session, [stmt], relations=[r.view], transaction=False)
-    seconds = time.monotonic() - started
+        try:
+            # REFRESH ... CONCURRENTLY cannot run inside a transaction block.
+            runner.execute(session, [refresh_sql(r.view, attempt.mode)], relations=[r.view], transaction=False)
+        except (errors.FeatureNotSupported, errors.ObjectNotInPrerequisiteState) as exc:
+            # The catalog said CONCURRENTLY would work but the view changed since (index dropped,
+            # refreshed WITH NO DATA): `preferred` still falls back, `required` reports it.
+            if attempt.mode != "concurrent" or r.policy.concurrently != "preferred":
+                raise
+            stmt = refresh_sql(r.view, "blocking")
+            attempt.mode, attempt.sql = "blocking", stmt.as_string(session)
+            attempt.fallback_reason = f"cannot refresh concurrently: {exc.diag.message_primary}"
+            _arm(session, deadline)
+            runner.execute(session, [stmt], relations=[r.view], transaction=False)
+    except errors.QueryCanceled:
+        # Re-armed to the time left after lock retries, the statement timeout ends a lock wait too.
+        if len(runner.waits) > waits_before:
+            raise _OutOfTime from None
+        raise
+    attempt.seconds = time.monotonic() - attempt.started
     row = session.execute(ROWS_SQL, (r.oid,)).fetchone()
-    return _Done(mode, stmt.as_string(session), seconds, _rows(row[0] if row else None), fallback)
+    attempt.rows = _rows(row[0] if row else None)
 
 
-def _guarded_refresh(ctx: JobContext, r: Refresh, connect: Callable[..., psycopg.Connection]) -> _Done:
+def _guarded_refresh(ctx: JobContext, r: Refresh, connect: Callable[..., psycopg.Connection], attempt: _Attempt) -> None:
     assert r.oid is not None
     key = guard_key(r.oid)
     # The view's own session: its statement_timeout is the view's timeout.
@@ -303,8 +311,9 @@ def _guarded_refresh(ctx: JobContext, r: Refresh, connect: Callable[..., psycopg
         got = session.execute(TRY_GUARD_SQL, (key,)).fetchone()
         if not (got and got[0]):
             raise _Skipped
+        attempt.started = time.monotonic()
         try:
-            return _refresh(ctx, r, session)
+            _refresh(ctx, r, session, attempt)
         finally:
             # Closing the session releases the guard anyway; unlock early when we still can.
             with contextlib.suppress(psycopg.Error):
@@ -317,8 +326,8 @@ def error_message(view: QualifiedName, exc: Exception, policy: ViewPolicy, mode:
         return f"{view}: {str(exc).removeprefix(f'{view}: ')}"
     if isinstance(exc, _OutOfTime):
         return (
-            f"{view}: could not get its lock within the view's timeout {format_duration(policy.timeout)}; "
-            "see the lock_timeout findings for the blocking pids, or raise timeout"
+            f"{view}: its lock was not granted within the view's timeout {format_duration(policy.timeout)}; "
+            "see the lock_timeout findings for the blocking pids, then retry or raise timeout"
         )
     if isinstance(exc, errors.CardinalityViolation):
         return (
@@ -355,6 +364,10 @@ def error_message(view: QualifiedName, exc: Exception, policy: ViewPolicy, mode:
     return f"{view}: refresh failed: {exc}"
 
 
+def _fallback(reason: str | None) -> dict[str, str]:
+    return {"fallback_reason": reason} if reason else {}
+
+
 def _action(r: Refresh, sql_text: str, applied: bool, detail: dict[str, Any]) -> Action:
     detail = {"view": str(r.view), **detail}
     return Action("refresh_materialized_view", str(r.view), sql_text, applied, detail)
@@ -369,7 +382,7 @@ def run(ctx: JobContext) -> JobOutput:
     connect = ctx.connect or functools.partial(db.connect, ctx.target)
     for r in refreshes:
         planned_sql = refresh_sql(r.view, r.mode).as_string(ctx.conn)
-        fallback = {"fallback_reason": r.fallback_reason} if r.fallback_reason else {}
+        fallback = _fallback(r.fallback_reason)
         if r.problem is not None:
             out.errors.append(ItemError(str(r.view), r.problem))
             if ctx.apply:
@@ -381,9 +394,9 @@ def run(ctx: JobContext) -> JobOutput:
         if not ctx.apply:
             out.actions.append(_action(r, planned_sql, False, {"mode": r.mode, "rows": r.rows, **fallback}))
             continue
-        started = time.monotonic()
+        attempt = _Attempt(r.mode, planned_sql, r.fallback_reason, started=time.monotonic())
         try:
-            done = _guarded_refresh(ctx, r, connect)
+            _guarded_refresh(ctx, r, connect, attempt)
         except _Skipped:
             out.findings.append(
                 Finding(
@@ -397,18 +410,18 @@ def run(ctx: JobContext) -> JobOutput:
             )
             continue
         except (psycopg.Error, LockTimeoutError, _OutOfTime) as exc:
-            out.errors.append(ItemError(str(r.view), error_message(r.view, exc, r.policy, r.mode)))
-            detail = {"mode": r.mode, "outcome": "failure", "duration_seconds": time.monotonic() - started, "rows": None}
-            out.actions.append(_action(r, planned_sql, False, {**detail, **fallback}))
+            out.errors.append(ItemError(str(r.view), error_message(r.view, exc, r.policy, attempt.mode)))
+            seconds = time.monotonic() - attempt.started
+            detail = {"mode": attempt.mode, "outcome": "failure", "duration_seconds": seconds, "rows": None}
+            out.actions.append(_action(r, attempt.sql, False, {**detail, **_fallback(attempt.fallback_reason)}))
             continue
-        fallback = {"fallback_reason": done.fallback_reason} if done.fallback_reason else {}
-        detail = {"mode": done.mode, "outcome": "success", "duration_seconds": done.seconds, "rows": done.rows}
-        out.actions.append(_action(r, done.sql, True, {**detail, **fallback}))
+        detail = {"mode": attempt.mode, "outcome": "success", "duration_seconds": attempt.seconds, "rows": attempt.rows}
+        out.actions.append(_action(r, attempt.sql, True, {**detail, **_fallback(attempt.fallback_reason)}))
         # The refresh's end on the run's (injected) clock: ctx.now plus the time since the run began.
         finished = ctx.now.timestamp() + (time.monotonic() - run_started)
         labels = {"view": str(r.view)}
         out.samples.append(Sample("matview_last_refresh_timestamp_seconds", finished, labels))
-        out.samples.append(Sample("matview_refresh_duration_seconds", done.seconds, labels))
+        out.samples.append(Sample("matview_refresh_duration_seconds", attempt.seconds, labels))
     out.findings.extend(ctx.lock_findings())
     return out
 
