@@ -3,6 +3,7 @@ conflicts, retention, bad input, lock safety and a 200-table target. The clock i
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -265,3 +266,159 @@ def test_bad_input_fails_only_that_table(conn: psycopg.Connection, database: str
         ItemError("public.exprkey", "public.exprkey: the partition key must be a single column (not an expression or several columns); remove it from the policy"),
     ]
     assert actions(out) == [("create_partition", "public.good_2026_05_05", True)]
+
+
+def _default_table(conn: psycopg.Connection, name: str) -> None:
+    create_parent(conn, name)
+    conn.execute(f"CREATE TABLE {name}_cur PARTITION OF {name} FOR VALUES FROM ('2026-11-01+00') TO ('2026-12-01+00')")
+    conn.execute(f"CREATE TABLE {name}_default PARTITION OF {name} DEFAULT")
+    # 12 rows in December (the range about to be created), 1 row in 1999 (no range of ours)
+    conn.execute(f"INSERT INTO {name} (id, k, v) SELECT g, '2026-12-01+00'::timestamptz + g * interval '1 hour', 'r' || g "
+                 "FROM generate_series(1, 12) g")
+    conn.execute(f"INSERT INTO {name} (id, k, v) VALUES (0, '1999-01-01+00', 'old')")
+
+
+def _default_yaml(name: str, mode: str) -> str:
+    return f"        - table: public.{name}\n          interval: monthly\n          premake: 2\n          on_default_conflict: {mode}\n"
+
+
+NOV = datetime(2026, 11, 20, tzinfo=UTC)
+DEC_RANGE = "[2026-12-01 00:00:00+00:00, 2027-01-01 00:00:00+00:00)"
+
+
+def test_default_conflict_fail(conn: psycopg.Connection, database: str) -> None:
+    _default_table(conn, "dfail")
+    out = run_job(database, _default_yaml("dfail", "fail"), NOV)
+    message = (f"public.dfail: 12 rows in the default partition public.dfail_default fall in {DEC_RANGE}, the range of "
+               "new partition public.dfail_2026_12; move them out, or set on_default_conflict: move (or skip)")
+    assert out.errors == [ItemError("public.dfail", message)]
+    assert out.actions == []
+    assert out.findings[0] == Finding("default_partition_rows", "public.dfail", 12, message, {
+        "table": "public.dfail", "conflict": True, "range": DEC_RANGE, "resolution": "fail",
+        "default_partition": "public.dfail_default", "partition": "public.dfail_2026_12"})
+    assert [f.kind for f in out.findings] == ["default_partition_rows", "partition_runway_low"]
+    assert samples(out)[("partition_default_rows", "public.dfail")] == 13.0
+
+
+def test_default_conflict_skip(conn: psycopg.Connection, database: str) -> None:
+    _default_table(conn, "dskip")
+    out = run_job(database, _default_yaml("dskip", "skip"), NOV)
+    assert out.errors == []
+    assert actions(out) == [("create_partition", "public.dskip_2027_01", True)]
+    assert [(f.kind, f.value, f.detail.get("resolution")) for f in out.findings] == [
+        ("default_partition_rows", 12, "skip"), ("partition_runway_low", 0, None)]
+    assert samples(out)[("partition_default_rows", "public.dskip")] == 13.0
+
+
+def test_default_conflict_move_keeps_rows_visible(conn: psycopg.Connection, database: str) -> None:
+    _default_table(conn, "dmove")
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        with psycopg.connect(database, autocommit=True) as r:
+            while not stop.is_set():
+                seen.append(r.execute("SELECT count(*) FROM dmove").fetchone()[0])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        planned = run_job(database, _default_yaml("dmove", "move"), NOV, apply=False)
+        out = run_job(database, _default_yaml("dmove", "move"), NOV)
+    finally:
+        stop.set()
+        thread.join()
+    assert [a.sql for a in planned.actions] == [a.sql for a in out.actions]
+    assert actions(out) == [("move_default_rows", "public.dmove_2026_12", True), ("create_partition", "public.dmove_2027_01", True)]
+    assert out.actions[0].sql == (
+        'CREATE TABLE "public"."dmove_2026_12" (LIKE "public"."dmove" INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
+        "INCLUDING STORAGE INCLUDING COMMENTS INCLUDING GENERATED INCLUDING COMPRESSION);\n"
+        'ALTER TABLE "public"."dmove_2026_12" ADD CONSTRAINT "dmove_2026_12_bounds" CHECK ("k" IS NOT NULL AND '
+        "\"k\" >= '2026-12-01 00:00:00+00:00' AND \"k\" < '2027-01-01 00:00:00+00:00');\n"
+        'WITH moved AS (DELETE FROM "public"."dmove_default" WHERE "k" >= \'2026-12-01 00:00:00+00:00\' AND '
+        "\"k\" < '2027-01-01 00:00:00+00:00' RETURNING \"id\", \"k\", \"v\") INSERT INTO \"public\".\"dmove_2026_12\" "
+        '("id", "k", "v") SELECT "id", "k", "v" FROM moved;\n'
+        'ALTER TABLE "public"."dmove" ATTACH PARTITION "public"."dmove_2026_12" FOR VALUES FROM '
+        "('2026-12-01 00:00:00+00:00') TO ('2027-01-01 00:00:00+00:00');\n"
+        'ALTER TABLE "public"."dmove_2026_12" DROP CONSTRAINT "dmove_2026_12_bounds";'
+    )
+    assert out.actions[0].detail == {"table": "public.dmove", "range": DEC_RANGE, "interval": "monthly",
+                                     "rows": 12, "partition": "public.dmove_2026_12"}
+    assert out.errors == []
+    assert [(f.kind, f.value, f.detail.get("resolution")) for f in out.findings] == [("default_partition_rows", 12, "move")]
+    assert samples(out)[("partition_default_rows", "public.dmove")] == 1.0
+    assert samples(out)[("partition_premade", "public.dmove")] == 2.0
+    assert conn.execute("SELECT count(*) FROM dmove_2026_12").fetchone()[0] == 12
+    assert conn.execute("SELECT count(*) FROM dmove_default").fetchone()[0] == 1
+    assert set(seen) == {13}  # a reader never saw a row go missing
+    assert conn.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = 'dmove_2026_12'::regclass AND contype = 'c'").fetchone()[0] == 0
+
+
+def _history(conn: psycopg.Connection, name: str, default: bool = False) -> None:
+    create_parent(conn, name)
+    for month in range(6, 13):
+        conn.execute(f"CREATE TABLE {name}_{month:02d} PARTITION OF {name} FOR VALUES FROM ('2026-{month:02d}-01+00') "
+                     f"TO ('{'2027-01' if month == 12 else f'2026-{month + 1:02d}'}-01+00')")
+    conn.execute(f"CREATE TABLE {name}_min PARTITION OF {name} FOR VALUES FROM (MINVALUE) TO ('2026-06-01+00')")
+    if default:
+        conn.execute(f"CREATE TABLE {name}_default PARTITION OF {name} DEFAULT")
+
+
+def _retention_yaml(name: str, action: str = "detach") -> str:
+    return (f"        - table: public.{name}\n          interval: monthly\n          premake: 1\n"
+            f"          retention: 2 months\n          retention_action: {action}\n")
+
+
+def test_retention_detach_concurrently(conn: psycopg.Connection, database: str) -> None:
+    _history(conn, "rc")
+    out = run_job(database, _retention_yaml("rc"), NOV)  # cutoff 2026-09-20: June..August are old
+    assert actions(out) == [("detach_partition", f"public.rc_{m}", True) for m in ("min", "06", "07", "08")]
+    assert out.actions[1].sql == 'ALTER TABLE "public"."rc" DETACH PARTITION "public"."rc_06" CONCURRENTLY;'
+    assert out.actions[1].detail == {"table": "public.rc", "range": "[2026-06-01 00:00:00+00:00, 2026-07-01 00:00:00+00:00)",
+                                     "retention": "2 months", "mode": "concurrent"}
+    assert (out.errors, out.findings) == ([], [])
+    assert [n for n, _ in bounds(conn, "rc")] == ["rc_09", "rc_10", "rc_11", "rc_12"]
+    assert conn.execute("SELECT to_regclass('rc_06') IS NOT NULL").fetchone()[0]  # detached, kept
+    assert run_job(database, _retention_yaml("rc"), NOV).actions == []
+
+
+def test_retention_plain_detach_with_default_and_drop(conn: psycopg.Connection, database: str) -> None:
+    _history(conn, "rp", default=True)
+    out = run_job(database, _retention_yaml("rp", "drop"), NOV)
+    assert actions(out) == [("drop_partition", f"public.rp_{m}", True) for m in ("min", "06", "07", "08")]
+    assert out.actions[1].sql == ('ALTER TABLE "public"."rp" DETACH PARTITION "public"."rp_06";\n'
+                                  'DROP TABLE "public"."rp_06";')
+    assert out.actions[1].detail["mode"] == "plain"
+    assert out.errors == []
+    assert conn.execute("SELECT to_regclass('rp_06') IS NULL").fetchone()[0]
+    assert [n for n, _ in bounds(conn, "rp")] == ["rp_09", "rp_10", "rp_11", "rp_12", "rp_default"]
+
+
+def test_retention_finishes_a_half_done_detach(conn: psycopg.Connection, database: str) -> None:
+    _history(conn, "rf")
+    # A concurrent detach that gives up while waiting for an older snapshot stays pending.
+    with psycopg.connect(database) as holder, psycopg.connect(database, autocommit=True) as other:
+        holder.execute("SELECT count(*) FROM rf")  # an open transaction with a snapshot
+        other.execute("SET lock_timeout = '100ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            other.execute("ALTER TABLE rf DETACH PARTITION rf_07 CONCURRENTLY")
+        holder.rollback()
+    assert conn.execute("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = 'rf_07'::regclass").fetchone()[0]
+    out = run_job(database, _retention_yaml("rf", "drop"), NOV)
+    assert actions(out) == [("drop_partition", f"public.rf_{m}", True) for m in ("07", "min", "06", "08")]
+    assert out.actions[0].sql == ('ALTER TABLE "public"."rf" DETACH PARTITION "public"."rf_07" FINALIZE;\n'
+                                  'DROP TABLE "public"."rf_07";')
+    assert out.errors == []
+    assert [n for n, _ in bounds(conn, "rf")] == ["rf_09", "rf_10", "rf_11", "rf_12"]
+
+
+def test_retention_refused_when_referenced(conn: psycopg.Connection, database: str) -> None:
+    _history(conn, "rr")
+    conn.execute("ALTER TABLE rr ADD PRIMARY KEY (id, k)")
+    conn.execute("CREATE TABLE rr_ref (id bigint, k timestamptz, FOREIGN KEY (id, k) REFERENCES rr)")
+    out = run_job(database, _retention_yaml("rr"), NOV)
+    assert out.errors == [ItemError("public.rr", (
+        "public.rr: a foreign key references this table, so retiring partitions would break it or fail; "
+        "retention is refused: drop the foreign key or remove retention from the policy"))]
+    assert out.actions == []
+    assert len(bounds(conn, "rr")) == 8

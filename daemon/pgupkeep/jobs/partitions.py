@@ -423,7 +423,9 @@ def retire_steps(ctx: JobContext, t: Table, cutoff: plan.Bound, current_lo: int)
     concurrent = conn.info.server_version >= 140000 and t.default is None
     relations = [t.name] + ([QualifiedName(t.default.schema, t.default.name)] if t.default else [])
     steps = []
-    for part in plan.retirable(t.parts, cutoff, current_lo):
+    # A pending detach is finished first: PostgreSQL allows one per parent at a time.
+    old_parts = sorted(plan.retirable(t.parts, cutoff, current_lo), key=lambda q: not q.pending_detach)
+    for part in old_parts:
         old = sql.Identifier(part.schema, part.name)
         if part.pending_detach:
             stmts = [sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, old)]
