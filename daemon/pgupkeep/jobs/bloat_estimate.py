@@ -202,8 +202,8 @@ def _align(offset: float, alignment: int) -> float:
     return math.ceil(offset / alignment - 1e-9) * alignment
 
 
-def tuple_bytes(columns: Sequence[Column], natts: int) -> float | None:
-    """Bytes one live row takes on a heap page: aligned tuple plus its line pointer.
+def tuple_layout(columns: Sequence[Column], natts: int) -> tuple[float, float] | None:
+    """(bytes one row takes on a heap page, its t_len): aligned tuple plus line pointer, and raw.
 
     Follows heap_form_tuple: a 23-byte header plus a null bitmap when any column has nulls,
     MAXALIGNed; then each column aligned to its attalign (short varlenas are not aligned).
@@ -220,7 +220,12 @@ def tuple_bytes(columns: Sequence[Column], natts: int) -> float | None:
         unaligned = c.attlen == -1 and width <= SHORT_VARLENA_MAX
         pad = 0.0 if unaligned else _align(offset, _ALIGN.get(c.attalign, 1)) - offset
         offset += present * (pad + width)
-    return _align(header + offset, MAXALIGN) + LINE_POINTER
+    return _align(header + offset, MAXALIGN) + LINE_POINTER, header + offset
+
+
+def tuple_bytes(columns: Sequence[Column], natts: int) -> float | None:
+    layout = tuple_layout(columns, natts)
+    return layout[0] if layout else None
 
 
 def fillfactor(row: TableRow) -> int:
@@ -264,7 +269,7 @@ def autovacuum_threshold(row: TableRow, s: Settings) -> tuple[float, bool]:
 
 
 def estimate(row: TableRow, s: Settings) -> TableBloat:
-    """Wasted bytes = table size - page headers - what the live rows need - fillfactor reserve.
+    """Wasted bytes = size - page headers - what live rows need - fillfactor reserve - dead rows' overhead.
 
     Measured like pgstattuple's dead_tuple_len + free_space, so the figures compare directly.
     Without column statistics the dead-tuple share of the table stands in.
@@ -274,11 +279,14 @@ def estimate(row: TableRow, s: Settings) -> TableBloat:
     pages = size / s.block_size
     live = live_tuples(row)
     ff = fillfactor(row)
-    per_tuple = tuple_bytes(row.columns, row.natts)
+    layout = tuple_layout(row.columns, row.natts)
     if size == 0:
-        wasted, basis = 0.0, "pg_stats" if per_tuple is not None else "none"
-    elif per_tuple is not None:
-        needed = pages * PAGE_HEADER + live * per_tuple + reserve_bytes(pages, ff, s.block_size)
+        wasted, basis = 0.0, "pg_stats" if layout is not None else "none"
+    elif layout is not None:
+        per_tuple, t_len = layout
+        # A dead tuple's line pointer and alignment padding are overhead, not dead_tuple_len.
+        overhead = live * per_tuple + row.n_dead_tup * (per_tuple - t_len)
+        needed = pages * PAGE_HEADER + overhead + reserve_bytes(pages, ff, s.block_size)
         wasted, basis = max(0.0, size - needed), "pg_stats"
     elif live + row.n_dead_tup > 0:
         wasted, basis = size * row.n_dead_tup / (live + row.n_dead_tup), "dead_tuples"
