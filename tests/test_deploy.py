@@ -395,6 +395,112 @@ def test_alerts_query_only_metrics_pgupkeep_exports() -> None:
         assert bare - functions <= PROMETHEUS_SERIES, (rule["alert"], bare)
 
 
+
+# --------------------------------------------------------------------------- docker compose trial
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+
+
+def test_compose_stack_wires_postgres_pgupkeep_and_prometheus(tmp_path: Path) -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "pgupkeep", "prometheus"}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (COMPOSE / source).exists(), source
+    app = services["pgupkeep"]
+    assert (COMPOSE / app["build"]["context"] / app["build"]["dockerfile"]).resolve() == REPO / "Dockerfile"
+    assert app["read_only"] is True and app["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "./policy.yaml:/etc/pgupkeep/policy.yaml:ro" in app["volumes"]
+    assert any(v.startswith("../prometheus/alerts.yaml:") for v in services["prometheus"]["volumes"])
+
+    scrape = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["job_name"] == "pgupkeep" and job["honor_labels"] is True
+    assert job["static_configs"] == [{"targets": [f"pgupkeep:{DEFAULT_PORT}"]}]
+    # promtool checks the config with the rule file where the container would mount it.
+    scrape["rule_files"] = [str(ALERTS)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape))
+    done = subprocess.run([promtool(), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_policy_is_valid_and_manages_the_seeded_objects() -> None:
+    dsn = compose()["services"]["pgupkeep"]["environment"]["DATABASE_URL"]
+    policy = parse_policy((COMPOSE / "policy.yaml").read_text(), file="policy.yaml", environ={"DATABASE_URL": dsn})
+    (target,) = policy.targets
+    assert policy.daemon.listen == f"0.0.0.0:{DEFAULT_PORT}"
+    assert [str(t.table) for t in target.partitions.tables] == ["public.events"]
+    assert [str(v.view) for v in target.materialized_views.views] == ["public.events_daily"]
+    assert target.long_running_queries.dry_run is True
+
+
+def _sql_statements(text: str) -> list[str]:
+    text = re.sub(r"--[^\n]*", "", text)
+    return [" ".join(s.split()) for s in text.split(";") if s.strip()]
+
+
+def _run_as(dsn: str, *args: str) -> tuple[int, list[dict[str, Any]], str]:
+    env = {**os.environ, "DATABASE_URL": dsn}
+    done = subprocess.run(
+        [sys.executable, "-m", "pgupkeep", *args, "--json", "--config", str(COMPOSE / "policy.yaml")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()], done.stderr
+
+
+def test_least_privilege_role_runs_every_job(pg_server, fresh_database: str) -> None:
+    doc = (DOCS / "least-privilege.md").read_text()
+    grants, _pg17, verify = re.findall(r"```sql\n(.*?)```", doc, re.S)
+    role_sql = (COMPOSE / "initdb" / "02-pgupkeep-role.sql").read_text()
+    assert _sql_statements(grants) == _sql_statements(role_sql)  # the docs show what the trial runs
+
+    with pg_server.admin() as admin:  # roles are cluster-wide: leave none behind
+        admin.execute("DROP ROLE IF EXISTS pgupkeep, app_owner")
+    try:
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute((COMPOSE / "initdb" / "01-schema.sql").read_text())
+            conn.execute(role_sql)
+            kinds = dict(conn.execute(
+                "SELECT relname, relkind FROM pg_class WHERE relname IN ('events', 'events_daily')"
+            ).fetchall())  # fmt: skip
+            assert kinds == {"events": "p", "events_daily": "m"}
+            conn.execute("REVOKE app_owner FROM pgupkeep")
+        as_role = psycopg.conninfo.make_conninfo(fresh_database, user="pgupkeep", password="pgupkeep")
+
+        # Without the owner's rights: the query and `plan` both say what is missing.
+        with psycopg.connect(as_role, autocommit=True) as conn:
+            rows = conn.execute(verify).fetchall()
+        assert rows == [("events", False, True, True, True), ("events_daily", False, True, True, True)]
+        code, results, _ = _run_as(as_role, "plan")
+        by_job = {r["job"]: r for r in results}
+        assert code == 1 and by_job["materialized_views"]["outcome"] == "failure"
+        assert "does not own the view" in by_job["materialized_views"]["error"]
+
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute("GRANT app_owner TO pgupkeep")
+        with psycopg.connect(as_role, autocommit=True) as conn:
+            assert conn.execute(verify).fetchall() == [
+                ("events", True, True, True, True), ("events_daily", True, True, True, True),
+            ]  # fmt: skip
+        for command in ("plan", "once"):
+            code, results, stderr = _run_as(as_role, command)
+            outcomes = {r["job"]: (r["outcome"], r["error"]) for r in results}
+            assert code == 0 and outcomes == {
+                job: ("success", None)
+                for job in ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+            }, (command, outcomes, stderr[-2000:])
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            attached = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'public.events'::regclass").fetchone()[0]
+        assert attached == 8  # today's partition and premake: 7 after it
+    finally:
+        pg_server.drop_database(psycopg.conninfo.conninfo_to_dict(fresh_database)["dbname"])
+        with pg_server.admin() as admin:
+            admin.execute("DROP ROLE IF EXISTS pgupkeep, app_owner")
+
+
 if __name__ == "__main__":
     PROMETHEUS_RULE.write_text(render_prometheus_rule())
     print(f"wrote {PROMETHEUS_RULE.relative_to(REPO)}")
