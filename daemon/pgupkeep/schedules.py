@@ -8,7 +8,7 @@ restricted. Both differences are translated here, so a policy means what it woul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.combining import OrTrigger
@@ -57,16 +57,70 @@ class Schedule:
             )
         common = {"minute": self.minute, "hour": self.hour, "month": self.month, "timezone": timezone}
         if self.day != "*" and self.day_of_week != "*":
-            return OrTrigger(
-                [
-                    CronTrigger(day=self.day, day_of_week="*", **common),
-                    CronTrigger(day="*", day_of_week=self.day_of_week, **common),
-                ],
-                jitter=jitter_s or None,
+            return _Forward(
+                OrTrigger(
+                    [
+                        CronTrigger(day=self.day, day_of_week="*", **common),
+                        CronTrigger(day="*", day_of_week=self.day_of_week, **common),
+                    ],
+                    jitter=jitter_s or None,
+                ),
+                timezone,
             )
-        return CronTrigger(
-            day=self.day, day_of_week=self.day_of_week, jitter=jitter_s or None, **common
+        return _Forward(
+            CronTrigger(day=self.day, day_of_week=self.day_of_week, jitter=jitter_s or None, **common),
+            timezone,
         )
+
+
+def _ts(moment: datetime) -> float:
+    # Aware datetimes sharing a tzinfo compare by wall clock, ignoring `fold`; instants do not.
+    return moment.timestamp()
+
+
+class _Forward(BaseTrigger):
+    """A cron trigger that always moves forward across a DST fall-back.
+
+    In the repeated hour APScheduler 3's CronTrigger returns the previous fire time again (or an
+    earlier one), and the scheduler's catch-up loop then spins on it forever (APScheduler issue
+    #1021). Here every fire time is later than the one before, and a wall-clock time fires once,
+    as in cron: the second pass through the repeated hour is skipped, minute by minute (cron
+    fields have no seconds), until the inner trigger answers sensibly again.
+    """
+
+    _STEP = timedelta(minutes=1)
+    _LIMIT = 3 * 60  # minutes; no DST shift is longer than two hours
+
+    def __init__(self, inner: BaseTrigger, timezone: tzinfo):
+        self.inner = inner
+        self.timezone = timezone
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def __repr__(self) -> str:
+        return f"<_Forward {self.inner!r}>"
+
+    def _repeated(self, moment: datetime) -> bool:
+        """Is this the second occurrence of an ambiguous wall-clock time?"""
+        local = moment.astimezone(self.timezone)
+        return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        candidate = self.inner.get_next_fire_time(previous_fire_time, now)
+        floor = previous_fire_time if previous_fire_time is not None else now
+        strictly = previous_fire_time is not None
+        start = floor.astimezone(UTC)
+        for _ in range(self._LIMIT):
+            if candidate is None:
+                return None
+            later = _ts(candidate) > _ts(floor) if strictly else _ts(candidate) >= _ts(floor)
+            if later and not self._repeated(candidate):
+                return candidate
+            start = (start + self._STEP).replace(second=0, microsecond=0)
+            floor, strictly = start, False
+            candidate = self.inner.get_next_fire_time(None, start.astimezone(self.timezone))
+        return candidate
 
 
 def _cron_weekday(token: str) -> int:
