@@ -4,6 +4,7 @@ conflicts, retention, bad input, lock safety and a 200-table target. The clock i
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -422,3 +423,64 @@ def test_retention_refused_when_referenced(conn: psycopg.Connection, database: s
         "retention is refused: drop the foreign key or remove retention from the policy"))]
     assert out.actions == []
     assert len(bounds(conn, "rr")) == 8
+
+
+def test_lock_wait_is_bounded_and_others_go_on(conn: psycopg.Connection, database: str) -> None:
+    create_parent(conn, "lk")
+    conn.execute("CREATE TABLE lk_cur PARTITION OF lk FOR VALUES FROM ('2026-11-01+00') TO ('2026-12-01+00')")
+    conn.execute("CREATE TABLE lk_default PARTITION OF lk DEFAULT")
+    create_parent(conn, "lk_free")
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def inserter() -> None:  # the application, writing rows that land in the default partition
+        with psycopg.connect(database, autocommit=True) as w:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                w.execute("INSERT INTO lk (k) VALUES ('1999-01-01+00')")
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.01)
+
+    yaml = ("        - table: public.lk\n          interval: monthly\n          premake: 1\n"
+            "        - table: public.lk_free\n          interval: monthly\n          premake: 0\n")
+    with psycopg.connect(database) as holder:
+        holder.execute("SELECT count(*) FROM lk_default")  # an open transaction keeps ACCESS SHARE
+        holder_pid = holder.info.backend_pid
+        thread = threading.Thread(target=inserter)
+        thread.start()
+        try:
+            time.sleep(0.1)
+            started = time.monotonic()
+            out = run_job(database, yaml, NOV, session="    lock_timeout: 200ms\n    lock_retries: 2\n", sleep=time.sleep)
+            elapsed = time.monotonic() - started
+        finally:
+            stop.set()
+            thread.join()
+        holder.rollback()
+    assert [e.object for e in out.errors] == ["public.lk"]
+    message = out.errors[0].message
+    assert message.startswith("public.lk: create partition public.lk_2026_12 failed: public.lk, public.lk_default: "
+                              "could not get a lock within lock_timeout 0.2s after 3 attempts; blocked by pids [")
+    assert str(holder_pid) in message
+    assert actions(out) == [("create_partition", "public.lk_2026_12", False), ("create_partition", "public.lk_free_2026_11", True)]
+    timeouts = [f for f in out.findings if f.kind == "lock_timeout"]
+    assert [f.value for f in timeouts] == [1, 2, 3]
+    assert all(holder_pid in f.detail["blocking_pids"] for f in timeouts)
+    assert 0.6 <= elapsed < 5
+    assert len(waits) > 5
+    assert max(waits) < 0.2 + 0.25  # no insert waited much longer than lock_timeout
+
+
+def test_two_hundred_tables_in_one_target(conn: psycopg.Connection, database: str) -> None:
+    conn.execute("CREATE SCHEMA many")
+    conn.execute("DO $$ BEGIN FOR i IN 1..200 LOOP EXECUTE format("
+                 "'CREATE TABLE many.t%s (id bigint, k timestamptz NOT NULL) PARTITION BY RANGE (k)', i); END LOOP; END $$")
+    yaml = "".join(f"        - table: many.t{i}\n          interval: monthly\n          premake: 1\n" for i in range(1, 201))
+    out = run_job(database, yaml, NOV)
+    assert (out.errors, out.findings) == ([], [])
+    assert actions(out) == [("create_partition", f"many.t{i}_{m}", True) for i in range(1, 201) for m in ("2026_11", "2026_12")]
+    assert len(out.samples) == 600 and {s.value for s in out.samples if s.metric == "partition_premade"} == {1.0}
+    again = run_job(database, yaml, NOV)
+    assert (again.actions, again.errors, again.findings) == ([], [], [])
+    assert conn.execute("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent "
+                        "WHERE c.relnamespace = 'many'::regnamespace").fetchone()[0] == 400
