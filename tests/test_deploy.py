@@ -501,6 +501,41 @@ def test_least_privilege_role_runs_every_job(pg_server, fresh_database: str) -> 
             admin.execute("DROP ROLE IF EXISTS pgupkeep, app_owner")
 
 
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def test_dashboard_is_valid_json_and_queries_only_exported_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "pgupkeep" and dash["title"] == "pgupkeep"
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for p in panels:
+        if p["type"] != "row":
+            assert p["targets"] and p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+            assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
+
+    names = set().union(*(metric_names_in(e) for e in dashboard_queries()))
+    assert unknown_metrics(names) == set()
+    # The list: runway, job outcomes and durations, view freshness, long-running sessions,
+    # bloat top tables, connections, xid age.
+    assert {
+        "pgupkeep_partition_runway_seconds", "pgupkeep_job_runs_total", "pgupkeep_job_duration_seconds_bucket",
+        "pgupkeep_matview_last_refresh_timestamp_seconds", "pgupkeep_long_running_queries",
+        "pgupkeep_table_bloat_bytes", "pgupkeep_connections", "pgupkeep_database_xid_age",
+    } <= names  # fmt: skip
+    # Nearly every family is on the dashboard; build_info alone only says which version runs.
+    exported = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+    assert METRIC_NAMES - exported == {"pgupkeep_build_info"}
+
+
 if __name__ == "__main__":
     PROMETHEUS_RULE.write_text(render_prometheus_rule())
     print(f"wrote {PROMETHEUS_RULE.relative_to(REPO)}")
