@@ -129,8 +129,9 @@ def _log_action(log: Any, action: Action, mode: dict[str, Any]) -> None:
     event = _ACTION_EVENTS.get(action.action, action.action)
     fields = {"action": action.action, "object": action.object, "sql": action.sql, "applied": action.applied}
     fields.update(action.detail)
-    failed = action.detail.get("outcome") == "failure"
-    (log.warning if failed else log.info)(event, **fields, **mode)
+    # A failed action, or a refresh that fell back to blocking readers, deserves a warning.
+    warn = action.detail.get("outcome") == "failure" or "fallback_reason" in action.detail
+    (log.warning if warn else log.info)(event, **fields, **mode)
 
 
 def _log_finding(log: Any, finding: Finding, mode: dict[str, Any]) -> None:
