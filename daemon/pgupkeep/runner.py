@@ -36,7 +36,9 @@ class Runner:
     clock: Callable[[], datetime] = _utcnow
     sleep: Callable[[float], None] = time.sleep
     connect: Callable[..., psycopg.Connection] = db.connect
-    _inflight: dict[int, psycopg.Connection] = field(default_factory=dict)
+    # Each run in flight -> every session it opened (its own first), so a shutdown past its grace
+    # can cancel all of them: jobs such as materialized_views do their work on extra sessions.
+    _inflight: dict[int, list[psycopg.Connection]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
     last_results: dict[tuple[str, str, str | None], JobResult] = field(default_factory=dict)
 
@@ -71,7 +73,13 @@ class Runner:
             return self._finish(result("failure", error=self._message(exc, target), target_up=False, leader=leader))
         key = id(conn)
         with self._guard:
-            self._inflight[key] = conn
+            self._inflight[key] = [conn]
+
+        def session(**kw: Any) -> psycopg.Connection:
+            extra = self.connect(target, **kw)
+            with self._guard:
+                self._inflight.setdefault(key, []).append(extra)
+            return extra
         ctx: JobContext | None = None
         try:
             standby = db.server_is_standby(conn)
@@ -87,7 +95,7 @@ class Runner:
                 standby=standby,
                 items=items,
                 sleep=self.sleep,
-                connect=lambda **kw: self.connect(target, **kw),
+                connect=session,
             )
             out = kind.run(ctx)
             self._add_lock_findings(out, ctx)
@@ -136,13 +144,14 @@ class Runner:
     def cancel_all(self) -> int:
         """Cancel every query in flight on the server (shutdown past its grace)."""
         with self._guard:
-            conns = list(self._inflight.values())
+            runs = len(self._inflight)
+            conns = [c for sessions in self._inflight.values() for c in sessions if not c.closed]
         for conn in conns:
             try:
                 conn.cancel_safe(timeout=3)
             except Exception:  # a session that is already gone needs no cancel
                 get_logger().debug("cancel_failed")
-        return len(conns)
+        return runs
 
     # ------------------------------------------------------------------ internals
 
