@@ -40,18 +40,25 @@ WITH managed AS (
   LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = pt.partattrs[0] AND pt.partattrs[0] > 0
   LEFT JOIN pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
-), parts AS (
+), parts AS MATERIALIZED (
   SELECT mg.ord, pc.oid AS part_oid, pn.nspname AS part_schema, pc.relname AS part_name,
-         i.inhdetachpending AS pending, pc.oid = mg.partdefid AS is_default,
-         btrim(b.m[1], '''') AS lo_raw, btrim(b.m[2], '''') AS hi_raw, mg.key_type
+         i.inhdetachpending AS pending, pc.oid = mg.partdefid AS is_default, pc.relpartbound, mg.key_type
   FROM managed mg
   JOIN pg_inherits i ON i.inhparent = mg.parent_oid
   JOIN pg_class pc ON pc.oid = i.inhrelid
   JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-  LEFT JOIN LATERAL (
-    SELECT regexp_match(pg_get_expr(pc.relpartbound, pc.oid), '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') AS m
-  ) b ON true
   WHERE mg.partstrat = 'r' AND mg.partnatts = 1 AND mg.key_type IS NOT NULL
+), bounds AS MATERIALIZED (
+  -- Deparsed once per managed partition (both CTEs are materialized so the planner can neither
+  -- push pg_get_expr into a pg_class scan nor repeat it for each use of the bound below).
+  SELECT pp.ord, pp.part_schema, pp.part_name, pp.pending, pp.is_default, pp.part_oid, pp.key_type,
+         CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN btrim(substr(b.e, 18, strpos(b.e, ') TO (') - 18), '''') END AS lo_raw,
+         CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN
+           btrim(substr(b.e, strpos(b.e, ') TO (') + 6, length(b.e) - strpos(b.e, ') TO (') - 6), '''') END AS hi_raw
+  FROM parts pp,
+  -- No regular expression (a backtracking match costs more than all the rest), and OFFSET 0 keeps
+  -- the deparsed text from being recomputed for each of its uses.
+  LATERAL (SELECT pg_get_expr(pp.relpartbound, 0) AS e OFFSET 0) b
 )
 SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstrat::text, mg.partnatts,
        mg.key_name, mg.key_type, mg.tablespace, mg.referenced,
@@ -69,7 +76,7 @@ SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstra
             WHEN p.key_type = 'date' THEN (extract(epoch FROM x.hi::date) * 1000000)::bigint
             WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.hi::bigint END AS hi
 FROM managed mg
-LEFT JOIN parts p ON p.ord = mg.ord
+LEFT JOIN bounds p ON p.ord = mg.ord
 LEFT JOIN LATERAL (SELECT p.lo_raw AS lo, p.hi_raw AS hi) x ON true
 ORDER BY mg.ord
 """

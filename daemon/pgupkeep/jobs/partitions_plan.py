@@ -9,6 +9,7 @@ MINVALUE/MAXVALUE.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,6 +194,11 @@ def suffix(start: datetime, interval: str) -> str:
 
 def time_slots(now: datetime, interval: str, kind: str, tz: ZoneInfo, count: int) -> list[Slot]:
     """The current period's slot and `count` more after it, by the clock in `tz`."""
+    return list(_time_slots(now, interval, kind, tz, count))
+
+
+@functools.lru_cache(maxsize=256)  # a thousand tables usually share a handful of calendars
+def _time_slots(now: datetime, interval: str, kind: str, tz: ZoneInfo, count: int) -> tuple[Slot, ...]:
     local = now.astimezone(tz)
     if interval == "hourly" and kind == "timestamptz":
         # Hours are instants apart: across a DST change the wall clock repeats or skips an hour,
@@ -206,13 +212,13 @@ def time_slots(now: datetime, interval: str, kind: str, tz: ZoneInfo, count: int
             if wall.fold and wall.utcoffset() != wall.replace(fold=0).utcoffset():
                 text += "_2"  # the second occurrence of a repeated wall-clock hour
             slots.append(Slot(lo, lo + 3600 * US, text))
-        return slots
+        return tuple(slots)
     first = period_start(local, interval)
     starts = [period_add(first, interval, i) for i in range(count + 2)]
-    return [
+    return tuple(
         Slot(to_key(starts[i], kind, tz), to_key(starts[i + 1], kind, tz), suffix(starts[i], interval))
         for i in range(count + 1)
-    ]
+    )
 
 
 def integer_slots(base: int, width: int, count: int) -> list[Slot]:
