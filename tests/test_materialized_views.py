@@ -16,6 +16,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgupkeep import db
 from pgupkeep.jobs import materialized_views as mv
+from pgupkeep.jobs import materialized_views_plan as mvplan
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.policy import Target, ViewPolicy, parse_policy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput
@@ -302,7 +303,7 @@ def test_the_guard_held_by_another_session_skips_the_view_but_not_others(dsn: st
         c.execute("CREATE MATERIALIZED VIEW public.b AS SELECT id, v FROM public.base")
         oid = c.execute("SELECT 'public.a'::regclass::oid::bigint").fetchone()[0]
         with psycopg.connect(dsn, autocommit=True) as other:
-            other.execute("SELECT pg_advisory_lock(%s)", (mv.guard_key(oid),))
+            other.execute("SELECT pg_advisory_lock(%s)", (mvplan.guard_key(oid),))
             out = run_job(target_for(dsn, [{"view": "public.a", "concurrently": "never"}, {"view": "public.b", "concurrently": "never"}]))
             # The guard of b was released after its refresh; a's is still the other session's only.
             held = c.execute(
@@ -318,7 +319,7 @@ def test_the_guard_held_by_another_session_skips_the_view_but_not_others(dsn: st
 
 
 def test_guard_keys_are_distinct_per_view_and_fit_a_bigint() -> None:
-    keys = {mv.guard_key(oid) for oid in (0, 1, 16384, 2**32 - 1)}
+    keys = {mvplan.guard_key(oid) for oid in (0, 1, 16384, 2**32 - 1)}
     assert len(keys) == 4
     assert all(-(2**63) <= k < 2**63 for k in keys)
 
@@ -352,9 +353,9 @@ def test_views_that_read_other_views_are_refreshed_after_them(dsn: str) -> None:
 
 def test_dependency_order_is_pure_and_keeps_policy_order_otherwise() -> None:
     a, b, c, d = (QualifiedName("s", n) for n in "abcd")
-    assert mv.dependency_order([a, b, c, d], {a: {c}, c: {d}}) == [b, d, c, a]
-    assert mv.dependency_order([a, b], {}) == [a, b]
-    assert mv.dependency_order([a, b], {a: {QualifiedName("s", "not_due")}}) == [a, b]
+    assert mvplan.dependency_order([a, b, c, d], {a: {c}, c: {d}}) == [b, d, c, a]
+    assert mvplan.dependency_order([a, b], {}) == [a, b]
+    assert mvplan.dependency_order([a, b], {a: {QualifiedName("s", "not_due")}}) == [a, b]
 
 
 def test_only_the_due_items_are_refreshed(dsn: str) -> None:
@@ -560,20 +561,20 @@ def test_plan_reports_the_sql_of_each_mode_and_changes_nothing(dsn: str) -> None
 
 def test_plan_view_is_a_pure_function_of_the_catalog_row() -> None:
     view = QualifiedName("r", "m")
-    state = mv.ViewState(view, 1, "m", True, True, True, "owner", "owner", 10.0)
+    state = mvplan.ViewState(view, 1, "m", True, True, True, "owner", "owner", 10.0)
     for concurrently, mode in (("required", "concurrent"), ("preferred", "concurrent"), ("never", "blocking")):
         policy = ViewPolicy(view=view, concurrently=concurrently, timeout=timedelta(seconds=5))
-        assert mv.plan_view(policy, state) == mv.Refresh(policy, 1, mode, rows=10)
-    both = mv.ViewState(view, 1, "m", False, False, True, "owner", "owner", -1.0)
+        assert mvplan.plan_view(policy, state) == mvplan.Refresh(policy, 1, mode, rows=10)
+    both = mvplan.ViewState(view, 1, "m", False, False, True, "owner", "owner", -1.0)
     preferred = ViewPolicy(view=view, concurrently="preferred")
-    assert mv.plan_view(preferred, both) == mv.Refresh(
+    assert mvplan.plan_view(preferred, both) == mvplan.Refresh(
         preferred,
         1,
         "blocking",
         fallback_reason="cannot refresh concurrently: the view is not populated yet (created or last refreshed WITH NO "
         "DATA) and it has no unique index on plain columns without a WHERE clause",
     )
-    required = mv.plan_view(ViewPolicy(view=view), both)
+    required = mvplan.plan_view(ViewPolicy(view=view), both)
     assert required.problem == (
         "r.m: cannot refresh CONCURRENTLY: the view is not populated yet (created or last refreshed WITH NO DATA) and "
         "it has no unique index on plain columns without a WHERE clause; a plain refresh is the only way to populate "

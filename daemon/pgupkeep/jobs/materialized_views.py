@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import errors, sql
@@ -19,11 +18,18 @@ from psycopg import errors, sql
 from pgupkeep import db
 from pgupkeep.db import DdlRunner, LockTimeoutError
 from pgupkeep.jobs.base import JobContext, JobKind
+from pgupkeep.jobs.materialized_views_plan import (
+    Mode,
+    Refresh,
+    ViewState,
+    guard_key,
+    plan,
+    refresh_sql,
+    rows_estimate,
+)
 from pgupkeep.policy import MaterializedViewsSection, ViewPolicy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
 from pgupkeep.units import QualifiedName, format_duration, pg_milliseconds
-
-Mode = Literal["concurrent", "blocking"]
 
 # One row per configured view, in policy order. A usable unique index is what PostgreSQL's
 # is_usable_unique_index() accepts: btree, unique, immediate, valid, no predicate, plain columns.
@@ -74,133 +80,6 @@ ROWS_SQL = "SELECT reltuples::float8 FROM pg_class WHERE oid = %s::oid"
 TRY_GUARD_SQL = "SELECT pg_try_advisory_lock(%s)"
 RELEASE_GUARD_SQL = "SELECT pg_advisory_unlock(%s)"
 ARM_SQL = "SELECT set_config('statement_timeout', %s, false)"
-
-_GUARD_PREFIX = int.from_bytes(hashlib.sha256(b"pgupkeep matview refresh").digest()[:4], "big", signed=True)
-
-RELKINDS = {"r": "table", "p": "partitioned table", "v": "view", "f": "foreign table", "S": "sequence", "i": "index"}
-NOT_POPULATED = "the view is not populated yet (created or last refreshed WITH NO DATA)"
-NO_UNIQUE_INDEX = "it has no unique index on plain columns without a WHERE clause"
-
-
-def guard_key(oid: int) -> int:
-    """The advisory-lock key that keeps two sessions from refreshing one view at once.
-
-    Keyed on the view's oid (advisory locks are per database, as oids are), under a prefix of
-    our own so it cannot meet a lease key or an application's lock in practice.
-    """
-    return _GUARD_PREFIX * 2**32 + oid
-
-
-@dataclass(frozen=True)
-class ViewState:
-    """What the catalog says about one configured view (oid None: it does not exist)."""
-
-    view: QualifiedName
-    oid: int | None
-    relkind: str | None
-    populated: bool
-    unique_index: bool
-    may_refresh: bool
-    owner: str | None
-    role: str
-    rows: float | None
-
-
-@dataclass(frozen=True)
-class Refresh:
-    """One intended refresh: its mode, and why it cannot run (`problem`) or falls back."""
-
-    policy: ViewPolicy
-    oid: int | None
-    mode: Mode
-    problem: str | None = None
-    fallback_reason: str | None = None
-    rows: int | None = None
-
-    @property
-    def view(self) -> QualifiedName:
-        return self.policy.view
-
-
-def refresh_sql(view: QualifiedName, mode: Mode) -> sql.Composed:
-    if mode == "concurrent":
-        return sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(sql.Identifier(*view.parts))
-    return sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.Identifier(*view.parts))
-
-
-def _rows(reltuples: float | None) -> int | None:
-    # reltuples is -1 until the relation was first vacuumed, analyzed or indexed (PG 14+).
-    return None if reltuples is None or reltuples < 0 else int(reltuples)
-
-
-# --------------------------------------------------------------------------- plan (pure)
-
-
-def dependency_order(views: Sequence[QualifiedName], reads: Mapping[QualifiedName, set[QualifiedName]]) -> list[QualifiedName]:
-    """Views ordered so that each comes after the views it reads; otherwise in policy order."""
-    pending = list(views)
-    ordered: list[QualifiedName] = []
-    while pending:
-        # `pending[0]` only on a cycle, which PostgreSQL does not let matviews form.
-        ready = next((v for v in pending if not reads.get(v, set()) & (set(pending) - {v})), pending[0])
-        pending.remove(ready)
-        ordered.append(ready)
-    return ordered
-
-
-def _permission_message(state: ViewState, maintain: bool) -> str:
-    v = state.view
-    how = f"ALTER MATERIALIZED VIEW {v} OWNER TO {state.role}, or connect as {state.owner}"
-    if maintain:
-        how += f", or GRANT MAINTAIN ON {v} TO {state.role}"
-    return f"{v}: permission denied: role {state.role} does not own the view (owner: {state.owner}); {how}"
-
-
-def plan_view(policy: ViewPolicy, state: ViewState, *, maintain: bool = False) -> Refresh:
-    """Decide how one view is refreshed, or why it cannot be, from its catalog row alone."""
-    v = policy.view
-    mode: Mode = "blocking" if policy.concurrently == "never" else "concurrent"
-    rows = _rows(state.rows)
-    if state.oid is None:
-        return Refresh(policy, None, mode, f"{v}: materialized view does not exist; create it or remove it from the policy")
-    if state.relkind != "m":
-        kind = RELKINDS.get(state.relkind or "", "relation")
-        return Refresh(policy, state.oid, mode, f"{v}: is a {kind}, not a materialized view; fix the name in the policy")
-    if not state.may_refresh:
-        return Refresh(policy, state.oid, mode, _permission_message(state, maintain))
-    if mode == "blocking":
-        return Refresh(policy, state.oid, mode, rows=rows)
-    reasons = [r for r, bad in ((NOT_POPULATED, not state.populated), (NO_UNIQUE_INDEX, not state.unique_index)) if bad]
-    if not reasons:
-        return Refresh(policy, state.oid, mode, rows=rows)
-    reason = " and ".join(reasons)
-    if policy.concurrently == "preferred":
-        return Refresh(policy, state.oid, "blocking", fallback_reason=f"cannot refresh concurrently: {reason}", rows=rows)
-    return Refresh(policy, state.oid, mode, _concurrent_problem(v, reasons), rows=rows)
-
-
-def _concurrent_problem(view: QualifiedName, reasons: Sequence[str]) -> str:
-    todo = []
-    if NOT_POPULATED in reasons:
-        todo.append(f"a plain refresh is the only way to populate it: run REFRESH MATERIALIZED VIEW {view} once")
-    if NO_UNIQUE_INDEX in reasons:
-        todo.append(f"create one (CREATE UNIQUE INDEX ON {view} (<key columns>))")
-    todo.append("or set concurrently: preferred to accept a blocking refresh")
-    return f"{view}: cannot refresh CONCURRENTLY: {' and '.join(reasons)}; {'; '.join(todo)}"
-
-
-def plan(
-    section: MaterializedViewsSection,
-    states: Mapping[QualifiedName, ViewState],
-    reads: Mapping[QualifiedName, set[QualifiedName]],
-    *,
-    items: Sequence[str] | None = None,
-    maintain: bool = False,
-) -> list[Refresh]:
-    """The refreshes due now (all configured views when `items` is None), in dependency order."""
-    policies = {p.view: p for p in section.views if items is None or str(p.view) in items}
-    return [plan_view(policies[v], states[v], maintain=maintain) for v in dependency_order(list(policies), reads)]
-
 
 # --------------------------------------------------------------------------- catalog
 
@@ -300,7 +179,7 @@ def _refresh(ctx: JobContext, r: Refresh, session: psycopg.Connection, attempt: 
         raise
     attempt.seconds = time.monotonic() - attempt.started
     row = session.execute(ROWS_SQL, (r.oid,)).fetchone()
-    attempt.rows = _rows(row[0] if row else None)
+    attempt.rows = rows_estimate(row[0] if row else None)
 
 
 def _guarded_refresh(ctx: JobContext, r: Refresh, connect: Callable[..., psycopg.Connection], attempt: _Attempt) -> None:
