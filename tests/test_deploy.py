@@ -536,6 +536,18 @@ def test_dashboard_is_valid_json_and_queries_only_exported_metrics() -> None:
     assert METRIC_NAMES - exported == {"pgupkeep_build_info"}
 
 
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_operations_doc_troubleshoots_every_log_event() -> None:
+    doc = (DOCS / "operations.md").read_text()
+    paragraphs = re.findall(r"^\*\*`([a-z_]+)`\*\* — ", doc, re.M)
+    assert paragraphs == list(LOG_EVENTS)
+    for section in ("## Deploying", "## Running several replicas", "## Upgrading", "## Troubleshooting by log event"):
+        assert section in doc
+
+
 if __name__ == "__main__":
     PROMETHEUS_RULE.write_text(render_prometheus_rule())
     print(f"wrote {PROMETHEUS_RULE.relative_to(REPO)}")
