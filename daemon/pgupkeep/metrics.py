@@ -151,7 +151,8 @@ class Metrics:
 
     def _count_action(self, t: str, kind: str, applied: bool, detail: Mapping[str, object]) -> None:
         table = str(detail.get("table", ""))
-        if kind == "create_partition" and applied:
+        # A `move` creates the partition too (create, move the default's rows, attach).
+        if kind in ("create_partition", "move_default_rows") and applied:
             self.partitions_created.labels(t, table).inc()
         elif kind in ("detach_partition", "drop_partition") and applied:
             self.partitions_retired.labels(t, table, kind.split("_")[0]).inc()
