@@ -279,6 +279,7 @@ def run_demo(
     server: LocalServer | None = None
     data: DataDir | None = None
     sessions: Sessions | None = None
+    logs.configure("info", "auto")  # until the policy's own settings are read
     log = logs.get_logger()
     # Until the daemon's own handlers are in place, SIGTERM unwinds like Ctrl-C: nothing is left behind.
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -333,7 +334,7 @@ def run_demo(
     except KeyboardInterrupt:
         return 0
     except (DemoError, ServerError, OSError, psycopg.Error) as exc:
-        print(f"pgupkeep demo: {exc}", file=sys.stderr)
+        print(f"pgupkeep demo: {exc}{_hint(exc, data_dir)}", file=sys.stderr)
         return 1
     finally:
         _clean_up(server, data, sessions, log)
@@ -348,6 +349,20 @@ def _drain(service: Any, settle: float = 0.5) -> None:
         if service.runner.inflight():
             quiet_since = time.monotonic()
         time.sleep(0.05)
+
+
+def _hint(exc: Exception, data_dir: str | None) -> str:
+    if (
+        isinstance(exc, ServerError)
+        and "Permission denied" in str(exc)
+        and data_dir
+        and os.geteuid() == 0
+    ):
+        return (
+            "\nAs root, PostgreSQL runs as an unprivileged user (postgres or nobody), which must be able to "
+            "reach --data-dir: choose a directory under /tmp, or one whose parents it may enter."
+        )
+    return ""
 
 
 def _with_listen(policy: Policy, listen: str) -> Policy:
@@ -372,7 +387,7 @@ def _clean_up(
         if data is not None:
             if data.remove:
                 shutil.rmtree(data.root, ignore_errors=True)
-            else:
+            elif (data.root / "pgdata" / "PG_VERSION").is_file():
                 print(
                     f"pgupkeep demo: data kept in {data.root}; run again with --data-dir {data.root}",
                     file=sys.stderr,
