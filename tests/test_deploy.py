@@ -130,6 +130,7 @@ def test_dockerignore_keeps_only_what_the_build_copies() -> None:
             parts = [p for p in rest.split() if not p.startswith("--")]
             sources.update(parts[:-1])
     assert {s.rstrip("/").split("/")[0] for s in sources} <= {c.rstrip("/") for c in copied}
+    assert all((REPO / s).exists() for s in sources), sources
 
 
 # --------------------------------------------------------------------------- Kubernetes
