@@ -1,0 +1,223 @@
+"""The policy model: frozen, typed sections with a docstring per key (the reference's source)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pgupkeep.policy_types import (
+    Dsn,
+    Duration,
+    Interval,
+    Listen,
+    RelationName,
+    RetentionText,
+    ScheduleText,
+    Size,
+    TargetName,
+    TimezoneName,
+)
+from pgupkeep.schedules import Schedule, parse_schedule
+
+JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class DaemonPolicy(_Model):
+    listen: Listen = "0.0.0.0:9188"
+    """Address of the HTTP server for /metrics, /healthz and /readyz."""
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """auto (JSON unless stdout is a terminal), json or console."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged: debug, info, warning or error."""
+    timezone: TimezoneName = "UTC"
+    """IANA time zone for partition boundaries and cron schedules."""
+    max_parallel_jobs: int = Field(4, ge=1, le=64)
+    """Job runs at once across the whole fleet; an overrunning job is skipped, never queued."""
+    shutdown_grace: Duration = timedelta(seconds=30)
+    """On SIGTERM, running jobs get this long to finish before they are cancelled on the server."""
+    reload_on_change: bool = True
+    """Re-read the policy when the file changes (as well as on SIGHUP)."""
+    max_leases: int | None = Field(None, ge=1)
+    """Lead at most this many targets in this replica, so a fleet spreads over replicas (null: no cap)."""
+    jitter: Duration = Field(timedelta(0))
+    """Random delay added to each scheduled run, to spread a fleet."""
+    misfire_grace: Duration = Field(timedelta(seconds=30))
+    """A run that could not start within this of its scheduled time is skipped."""
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class SessionSettings(_Model):
+    connect_timeout: Duration = timedelta(seconds=5)
+    """How long to wait for a connection (libpq rounds below 2s up to 2s)."""
+    lock_timeout: Duration = timedelta(seconds=2)
+    """No statement of pgupkeep waits longer than this for a lock."""
+    lock_retries: int = Field(5, ge=0, le=100)
+    """DDL that gave up on a lock is retried this many times, with jittered backoff."""
+    statement_timeout: Duration = timedelta(minutes=15)
+    """Upper bound of any statement pgupkeep runs (a view refresh uses its own timeout)."""
+    idle_in_transaction_session_timeout: Duration = timedelta(minutes=1)
+    """Upper bound of an idle transaction of pgupkeep's own sessions."""
+
+
+class PartitionTable(_Model):
+    table: RelationName
+    """Schema-qualified parent table; must already be PARTITION BY RANGE."""
+    interval: Interval
+    """hourly, daily, weekly (ISO weeks), monthly, quarterly, yearly, or an integer width for integer keys."""
+    premake: int = Field(3, ge=0, le=1000)
+    """Partitions kept ready after the current one."""
+    retention: RetentionText | None = None
+    """Retire partitions whose upper bound is older than this (90 days, 24 months, 2 years; a number for integer keys). Omit to keep everything."""
+    retention_action: Literal["detach", "drop"] = "detach"
+    """detach (DETACH ... CONCURRENTLY where possible) or drop."""
+    on_default_conflict: Literal["fail", "skip", "move"] = "fail"
+    """When the default partition holds rows of a partition to create: fail, skip that partition, or move the rows."""
+    runway_warn: int | None = Field(
+        None, ge=0, description="Finding partition_runway_low when fewer partitions than this are ready (default: premake)."
+    )
+
+
+class PartitionsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 1h")
+    """When the partitions job runs."""
+    tables: tuple[PartitionTable, ...] = ()
+    """The partitioned tables to keep."""
+
+
+class ViewPolicy(_Model):
+    view: RelationName
+    """Schema-qualified materialized view."""
+    concurrently: Literal["required", "preferred", "never"] = "required"
+    """required: REFRESH ... CONCURRENTLY or fail; preferred: fall back to a blocking refresh; never: always blocking."""
+    timeout: Duration = timedelta(minutes=10)
+    """statement_timeout of the refresh."""
+    schedule: ScheduleText | None = None
+    """This view's own schedule (default: the section's)."""
+
+
+class MaterializedViewsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 15m")
+    """Default schedule of the views below."""
+    views: tuple[ViewPolicy, ...] = ()
+    """The materialized views to refresh."""
+
+    def schedule_of(self, view: ViewPolicy) -> Schedule:
+        return view.schedule or self.schedule
+
+
+class LongRunningQueriesSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 30s")
+    """When sessions are checked."""
+    warn_after: Duration = timedelta(minutes=5)
+    """Active queries older than this (from query_start) are flagged."""
+    idle_in_transaction_after: Duration = timedelta(minutes=1)
+    """Sessions idle in transaction longer than this (from state_change) are flagged."""
+    cancel_after: Duration | None = None
+    """Cancel active queries older than this (off unless set)."""
+    terminate_after: Duration | None = None
+    """Terminate sessions (active or idle in transaction) older than this (off unless set)."""
+    dry_run: bool = False
+    """Log and count what would be signalled; signal nothing."""
+    ignore_users: tuple[str, ...] = ()
+    """Sessions of these users are never flagged or signalled."""
+    ignore_applications: tuple[str, ...] = ()
+    """Sessions of these application_names are never flagged or signalled."""
+
+
+class BloatSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 1h")
+    """When tables are checked for bloat."""
+    min_table_size: Size = 10 * 1024**2
+    """Smaller tables are not checked."""
+    max_dead_tuple_ratio: float = Field(0.2, ge=0, le=1)
+    """Flag a table whose dead tuples exceed this share (with at least min_dead_tuples)."""
+    min_dead_tuples: int = Field(1000, ge=0)
+    """Fewer dead tuples than this never flag a table by the dead-tuple ratio."""
+    max_bloat_ratio: float = Field(0.5, ge=0, le=1)
+    """Flag a table whose estimated wasted share exceeds this."""
+    report_top: int = Field(50, ge=0, le=10_000)
+    """At most this many (the worst) tables get per-table series."""
+    vacuum: bool = False
+    """VACUUM (ANALYZE) flagged tables, one at a time (never FULL)."""
+    exact_time_budget: Duration = Field(
+        timedelta(seconds=10), description="Time spent on exact pgstattuple_approx figures for the worst candidates; the rest keep the estimate."
+    )
+    vacuum_timeout: Duration = Field(timedelta(hours=1), description="statement_timeout of each VACUUM.")
+
+
+class HealthSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 1m")
+    """When the health checks run."""
+    xid_age_threshold: int = Field(1_200_000_000, ge=1, le=2_147_483_647)
+    """Finding xid_wraparound when age(datfrozenxid) passes this."""
+    unused_index_min_size: Size = 10 * 1024**2
+    """Unused indexes smaller than this are not reported."""
+    connections_warn_ratio: float = Field(0.8, ge=0, le=1)
+    """Finding connections_high above this share of max_connections."""
+
+
+class Target(_Model):
+    name: TargetName
+    """Unique name of the target ([a-z0-9_-]); the `target` label."""
+    dsn: Dsn
+    """libpq URI or key=value string; PG* environment variables and ~/.pgpass apply."""
+    connect_timeout: Duration | None = None
+    """Overrides defaults.connect_timeout."""
+    lock_timeout: Duration | None = None
+    """Overrides defaults.lock_timeout."""
+    lock_retries: int | None = Field(None, ge=0, le=100)
+    """Overrides defaults.lock_retries."""
+    statement_timeout: Duration | None = None
+    """Overrides defaults.statement_timeout."""
+    idle_in_transaction_session_timeout: Duration | None = None
+    """Overrides defaults.idle_in_transaction_session_timeout."""
+    partitions: PartitionsSection | None = None
+    """Pre-create and retire time or integer range partitions."""
+    materialized_views: MaterializedViewsSection | None = None
+    """Refresh materialized views."""
+    long_running_queries: LongRunningQueriesSection | None = None
+    """Flag (and optionally signal) long-running and idle-in-transaction sessions."""
+    bloat: BloatSection | None = None
+    """Flag (and optionally vacuum) bloated tables."""
+    health: HealthSection | None = None
+    """Connections, transaction-ID age, invalid and unused indexes, database size."""
+
+    def section(self, kind: str) -> BaseModel | None:
+        return getattr(self, kind)
+
+    def job_kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind in JOB_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def session(self) -> SessionSettings:
+        """This target's session settings (defaults already merged in by the loader)."""
+        return SessionSettings(
+            **{k: getattr(self, k) for k in SessionSettings.model_fields if getattr(self, k) is not None}
+        )
+
+
+class Policy(_Model):
+    version: Literal[1]
+    """Policy format version; always 1."""
+    daemon: DaemonPolicy = DaemonPolicy()
+    """Settings of the daemon process itself."""
+    defaults: SessionSettings = SessionSettings()
+    """Session settings applied to every target; a target may override each."""
+    targets: tuple[Target, ...] = ()
+    """The databases to keep."""
+
+    def target(self, name: str) -> Target:
+        for target in self.targets:
+            if target.name == name:
+                return target
+        raise KeyError(name)
