@@ -57,10 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
             "on config/demo.yaml (or --config). Ctrl-C stops everything and removes what it created."
         ),
     )
-    demo.add_argument("--port", type=int, default=0, help="PostgreSQL port (default: a free one)")
-    demo.add_argument("--metrics-port", type=int, default=None, help="HTTP port for /metrics (default: the demo policy's)")
-    demo.add_argument("--data-dir", default=None, help="PostgreSQL data directory (default: a temporary one)")
-    demo.add_argument("--keep", action="store_true", help="keep the data directory after Ctrl-C")
+    demo.add_argument("--port", type=int, default=0, help="PostgreSQL port on 127.0.0.1 (default: a free one)")
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="HTTP port for /metrics (default: the demo policy's 9188, or a free one if it is taken; 0: a free one)",
+    )
+    demo.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help=(
+            "directory for PostgreSQL's data (default: a new temporary one); created if missing and "
+            "removed on exit unless --keep, or unless it already held an earlier demo's data, which is "
+            "then reused (the demo database is seeded afresh)"
+        ),
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the data directory on exit (reuse it with --data-dir)")
     demo.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)  # for tests
     sub.add_parser("schema", parents=[common], help="print the policy's JSON Schema")
     return parser
