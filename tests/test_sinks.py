@@ -1,0 +1,171 @@
+"""The result sinks: metrics derived from a result (fresh registry) and the log events it writes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pgupkeep import logs
+from pgupkeep.metrics import METRIC_NAMES, Metrics
+from pgupkeep.results import Action, Finding, JobResult, Sample
+
+
+def result(**kw) -> JobResult:
+    base = {"target": "shop", "job": "partitions", "outcome": "success", "duration_seconds": 0.25, "started_at": 1000.0}
+    return JobResult(**{**base, **kw})
+
+
+def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(m.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(m: Metrics, name: str, **labels: str) -> float | None:
+    return samples(m).get((name, tuple(sorted(labels.items()))))
+
+
+def test_counters_come_from_actions_and_findings():
+    m = Metrics()
+    m.record(
+        result(
+            actions=(
+                Action("create_partition", "public.orders_2027_01", "CREATE ...", True, {"table": "public.orders"}),
+                Action("create_partition", "public.orders_2027_02", "CREATE ...", False, {"table": "public.orders"}),
+                Action("move_default_rows", "public.orders_2027_03", "INSERT ...", True, {"table": "public.orders"}),
+                Action("detach_partition", "public.orders_2024_01", "ALTER ...", True, {"table": "public.orders"}),
+                Action("drop_partition", "public.orders_2023_12", "DROP ...", True, {"table": "public.orders"}),
+            ),
+            findings=(Finding("lock_timeout", "public.orders", 1), Finding("lock_timeout", "public.orders", 2)),
+            target_up=True,
+            leader=True,
+        )
+    )
+    assert value(m, "pgupkeep_partitions_created_total", target="shop", table="public.orders") == 2
+    assert value(m, "pgupkeep_partitions_retired_total", target="shop", table="public.orders", action="detach") == 1
+    assert value(m, "pgupkeep_partitions_retired_total", target="shop", table="public.orders", action="drop") == 1
+    assert value(m, "pgupkeep_lock_timeouts_total", target="shop", job="partitions") == 2
+    assert value(m, "pgupkeep_job_runs_total", target="shop", job="partitions", outcome="success") == 1
+    assert value(m, "pgupkeep_job_last_success_timestamp_seconds", target="shop", job="partitions") == 1000.25
+    assert value(m, "pgupkeep_job_duration_seconds_count", target="shop", job="partitions") == 1
+    assert value(m, "pgupkeep_target_up", target="shop") == 1
+    assert value(m, "pgupkeep_target_leader", target="shop") == 1
+
+
+def test_signals_refreshes_and_vacuums():
+    m = Metrics()
+    m.record(
+        result(
+            job="long_running_queries",
+            actions=(
+                Action("cancel_backend", "pid 10", "SELECT ...", True, {"pid": 10, "dry_run": False}),
+                Action("terminate_backend", "pid 11", "SELECT ...", False, {"pid": 11, "dry_run": True}),
+                Action("cancel_backend", "pid 12", "SELECT ...", False, {"pid": 12, "dry_run": False, "skipped_reason": "gone"}),
+            ),
+        )
+    )
+    m.record(
+        result(
+            job="materialized_views",
+            actions=(
+                Action("refresh_materialized_view", "r.v", "REFRESH ...", True, {"view": "r.v", "mode": "concurrent", "outcome": "success"}),
+                Action("refresh_materialized_view", "r.w", "REFRESH ...", False, {"view": "r.w", "mode": "blocking", "outcome": "failure"}),
+            ),
+        )
+    )
+    m.record(result(job="bloat", actions=(Action("vacuum_table", "public.t", "VACUUM ...", True, {"table": "public.t"}),)))
+    assert value(m, "pgupkeep_backend_signals_total", target="shop", action="cancel", dry_run="false") == 1
+    assert value(m, "pgupkeep_backend_signals_total", target="shop", action="terminate", dry_run="true") == 1
+    assert value(m, "pgupkeep_matview_refreshes_total", target="shop", view="r.v", mode="concurrent", outcome="success") == 1
+    assert value(m, "pgupkeep_matview_refreshes_total", target="shop", view="r.w", mode="blocking", outcome="failure") == 1
+    assert value(m, "pgupkeep_tables_vacuumed_total", target="shop") == 1
+
+
+def test_gauges_a_job_stops_reporting_disappear_and_plans_count_nothing():
+    m = Metrics()
+    first = (
+        Sample("table_bloat_ratio", 0.5, {"table": "public.a"}),
+        Sample("table_bloat_ratio", 0.4, {"table": "public.b"}),
+        Sample("bloated_tables", 2),
+    )
+    m.record(result(job="bloat", samples=first))
+    m.record(result(job="bloat", samples=(Sample("table_bloat_ratio", 0.6, {"table": "public.b"}), Sample("bloated_tables", 1))))
+    assert value(m, "pgupkeep_table_bloat_ratio", target="shop", table="public.a") is None
+    assert value(m, "pgupkeep_table_bloat_ratio", target="shop", table="public.b") == 0.6
+    assert value(m, "pgupkeep_bloated_tables", target="shop") == 1
+    m.record(result(job="bloat", applied=False, samples=(Sample("bloated_tables", 9),)))
+    assert value(m, "pgupkeep_bloated_tables", target="shop") == 1
+    assert value(m, "pgupkeep_job_runs_total", target="shop", job="bloat", outcome="success") == 2
+
+
+def test_overruns_and_forgotten_targets():
+    m = Metrics()
+    m.overrun("shop", "materialized_views")
+    assert value(m, "pgupkeep_job_skipped_overrun_total", target="shop", job="materialized_views") == 1
+    assert value(m, "pgupkeep_job_runs_total", target="shop", job="materialized_views", outcome="skipped") == 1
+    m.record(result(samples=(Sample("partition_premade", 3, {"table": "public.orders"}),), target_up=True))
+    m.forget_target("shop")
+    assert not [k for k in samples(m) if ("target", "shop") in k[1]]
+
+
+def test_every_exported_family_is_known():
+    m = Metrics()
+    m.policy_loaded(True, when=5.0)
+    names = {f.name for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    assert {n.removesuffix("_total") for n in METRIC_NAMES} >= names
+    assert value(m, "pgupkeep_policy_last_reload_successful") == 1
+    assert value(m, "pgupkeep_policy_last_reload_timestamp_seconds") == 5.0
+
+
+def test_log_result_writes_one_job_finished_and_an_event_per_action_and_finding():
+    res = result(
+        actions=(Action("create_partition", "public.orders_2027_01", "CREATE TABLE ...", True, {"table": "public.orders"}),),
+        findings=(
+            Finding("default_partition_rows", "public.orders", 12, "12 rows", {"conflict": True, "range": "2027-03"}),
+            Finding("default_partition_rows", "public.items", 0, "", {"conflict": False}),
+            Finding("lock_timeout", "public.orders", 1, "blocked", {"blocking_pids": [42]}),
+        ),
+    )
+    with structlog.testing.capture_logs() as captured:
+        logs.log_result(res)
+    assert [(e["event"], e["log_level"]) for e in captured] == [
+        ("partition_created", "info"),
+        ("default_partition_conflict", "warning"),
+        ("lock_timeout", "warning"),
+        ("job_finished", "info"),
+    ]
+    assert captured[-1] == {
+        "event": "job_finished", "log_level": "info", "target": "shop", "job": "partitions",
+        "outcome": "success", "duration_seconds": 0.25, "actions": 1, "findings": 3,
+    }  # fmt: skip
+    assert captured[2]["blocking_pids"] == [42]
+
+
+def test_failures_and_unreachable_targets_are_logged_as_such():
+    res = result(outcome="failure", error="connection refused", target_up=False)
+    with structlog.testing.capture_logs() as captured:
+        logs.log_result(res)
+    assert [(e["event"], e["log_level"]) for e in captured] == [("target_unreachable", "warning"), ("job_finished", "error")]
+
+
+def test_json_lines_have_timestamp_level_event_first():
+    stream = io.StringIO()
+    logs.configure("info", "json", stream=stream)
+    try:
+        logs.get_logger().info("daemon_started", version="x")
+        import logging
+
+        logging.getLogger("psycopg").warning("from the standard library")
+    finally:
+        logs.configure("info", "json")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert list(lines[0])[:3] == ["timestamp", "level", "event"]
+    assert lines[0]["event"] == "daemon_started" and lines[0]["timestamp"].endswith("Z")
+    assert lines[1]["event"] == "from the standard library" and lines[1]["logger"] == "psycopg"
