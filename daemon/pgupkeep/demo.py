@@ -392,8 +392,11 @@ def _clean_up(
                     f"pgupkeep demo: data kept in {data.root}; run again with --data-dir {data.root}",
                     file=sys.stderr,
                 )
-        log.info(
-            "demo_stopped", data_removed=bool(data and data.remove), server_running=still_running
-        )
+        if server is not None:
+            log.info(
+                "demo_stopped",
+                data_removed=bool(data and data.remove),
+                server_running=still_running,
+            )
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
