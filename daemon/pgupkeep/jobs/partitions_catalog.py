@@ -1,0 +1,250 @@
+"""The partitions job's catalog reads: every managed table's partitions and bounds in one query,
+then the set-based reads that need the tables themselves (integer max keys, default-partition
+counts) and free names for new partitions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgupkeep.jobs import partitions_plan as plan
+from pgupkeep.jobs.partitions_plan import Partition, Slot
+from pgupkeep.policy import PartitionTable
+from pgupkeep.units import QualifiedName
+
+# One row per (managed table, attached partition), in policy order; a table with no partitions, or
+# that is missing or not partitioned, still has one row. Bounds are cast back to the key's type in
+# the same session that printed them (so TimeZone and DateStyle round-trip) and returned as numbers.
+# pg_relation_size tells an empty default partition (0 bytes) from one that needs a count; it
+# takes and releases an ACCESS SHARE lock per default partition, so no locks pile up.
+CATALOG_SQL = r"""
+WITH managed AS (
+  SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
+         a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
+         EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid) AS referenced
+  FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS m(nsp, rel, ord)
+  LEFT JOIN pg_namespace n ON n.nspname = m.nsp
+  LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = m.rel
+  LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid
+  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = pt.partattrs[0] AND pt.partattrs[0] > 0
+  LEFT JOIN pg_type t ON t.oid = a.atttypid
+  LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
+), parts AS MATERIALIZED (
+  SELECT mg.ord, pc.oid AS part_oid, pn.nspname AS part_schema, pc.relname AS part_name,
+         i.inhdetachpending AS pending, pc.oid = mg.partdefid AS is_default, pc.relpartbound, mg.key_type
+  FROM managed mg
+  JOIN pg_inherits i ON i.inhparent = mg.parent_oid
+  JOIN pg_class pc ON pc.oid = i.inhrelid
+  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+  WHERE mg.partstrat = 'r' AND mg.partnatts = 1 AND mg.key_type IS NOT NULL
+), bounds AS MATERIALIZED (
+  -- Deparsed once per managed partition (both CTEs are materialized so the planner can neither
+  -- push pg_get_expr into a pg_class scan nor repeat it for each use of the bound below).
+  SELECT pp.ord, pp.part_schema, pp.part_name, pp.pending, pp.is_default, pp.part_oid, pp.key_type,
+         CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN btrim(substr(b.e, 18, strpos(b.e, ') TO (') - 18), '''') END AS lo_raw,
+         CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN
+           btrim(substr(b.e, strpos(b.e, ') TO (') + 6, length(b.e) - strpos(b.e, ') TO (') - 6), '''') END AS hi_raw
+  FROM parts pp,
+  -- No regular expression (a backtracking match costs more than all the rest), and OFFSET 0 keeps
+  -- the deparsed text from being recomputed for each of its uses.
+  LATERAL (SELECT pg_get_expr(pp.relpartbound, 0) AS e OFFSET 0) b
+)
+SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstrat::text, mg.partnatts,
+       mg.key_name, mg.key_type, mg.tablespace, mg.referenced,
+       p.part_schema, p.part_name, p.pending, p.is_default,
+       CASE WHEN p.is_default THEN pg_relation_size(p.part_oid) END AS default_bytes,
+       p.lo_raw, p.hi_raw,
+       CASE WHEN x.lo IS NULL OR x.lo ILIKE '%%infinity%%' OR x.lo IN ('MINVALUE', 'MAXVALUE') THEN NULL
+            WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM x.lo::timestamptz) * 1000000)::bigint
+            WHEN p.key_type = 'timestamp' THEN (extract(epoch FROM x.lo::timestamp) * 1000000)::bigint
+            WHEN p.key_type = 'date' THEN (extract(epoch FROM x.lo::date) * 1000000)::bigint
+            WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.lo::bigint END AS lo,
+       CASE WHEN x.hi IS NULL OR x.hi ILIKE '%%infinity%%' OR x.hi IN ('MINVALUE', 'MAXVALUE') THEN NULL
+            WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM x.hi::timestamptz) * 1000000)::bigint
+            WHEN p.key_type = 'timestamp' THEN (extract(epoch FROM x.hi::timestamp) * 1000000)::bigint
+            WHEN p.key_type = 'date' THEN (extract(epoch FROM x.hi::date) * 1000000)::bigint
+            WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.hi::bigint END AS hi
+FROM managed mg
+LEFT JOIN bounds p ON p.ord = mg.ord
+LEFT JOIN LATERAL (SELECT p.lo_raw AS lo, p.hi_raw AS hi) x ON true
+ORDER BY mg.ord
+"""
+
+NAMES_SQL = """
+SELECT n.nspname, c.relname
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+"""
+
+# Many tables' probes go in one statement, but each SELECT locks its tables until the statement
+# ends; chunks keep that lock count bounded.
+PROBE_CHUNK = 100
+
+
+@dataclass
+class Table:
+    """One managed table: its policy, what the catalog says, and what this run plans for it."""
+
+    policy: PartitionTable
+    found: bool = False
+    relkind: str | None = None
+    strategy: str | None = None
+    key_columns: int | None = None
+    key_name: str | None = None
+    key_type: str | None = None
+    tablespace: str | None = None
+    referenced: bool = False
+    parts: list[Partition] = field(default_factory=list)
+    default: Partition | None = None
+    default_bytes: int = 0
+    default_rows: int = 0
+    base: int | None = None  # integer keys: the max key value (or a fallback)
+    slots: list[plan.SlotState] = field(default_factory=list)
+    creates: list[Slot] = field(default_factory=list)
+    conflicts: dict[int, int] = field(default_factory=dict)  # slot.lo -> rows in the default
+    names: dict[int, str] = field(default_factory=dict)  # slot.lo -> new partition name
+    error: str | None = None
+
+    @property
+    def name(self) -> QualifiedName:
+        return self.policy.table
+
+    @property
+    def label(self) -> str:
+        return str(self.policy.table)
+
+    @property
+    def kind(self) -> str:
+        return plan.KEY_KINDS[self.key_type or ""]
+
+
+def read_catalog(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[Table]:
+    out = [Table(policy=t) for t in tables]
+    rows = conn.execute(
+        CATALOG_SQL,
+        {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables]},
+    ).fetchall()
+    for row in rows:
+        (ord_, found, relkind, strat, natts, key_name, key_type, tablespace, referenced,
+         p_schema, p_name, pending, is_default, default_bytes, lo_raw, hi_raw, lo, hi) = row
+        t = out[ord_ - 1]
+        t.found, t.relkind, t.strategy, t.key_columns = found, relkind, strat, natts
+        t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
+        if p_name is None:
+            continue
+        if is_default:
+            t.default = Partition(p_schema, p_name, -math.inf, math.inf)
+            t.default_bytes = default_bytes or 0
+            continue
+        lo_v: plan.Bound = lo if lo is not None else (math.inf if lo_raw == "MAXVALUE" else -math.inf)
+        hi_v: plan.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
+        t.parts.append(Partition(p_schema, p_name, lo_v, hi_v, bool(pending)))
+    return out
+
+
+def validate(t: Table) -> str | None:
+    name = t.label
+    if not t.found:
+        return f"{name}: table does not exist; create it PARTITION BY RANGE or remove it from the policy"
+    if t.relkind != "p":
+        return f"{name}: is not a partitioned table; recreate it PARTITION BY RANGE (<key>) or remove it from the policy"
+    if t.strategy != "r":
+        by = {"l": "list", "h": "hash"}.get(t.strategy or "", t.strategy)
+        return f"{name}: is partitioned by {by}, pgupkeep manages only PARTITION BY RANGE tables; remove it from the policy"
+    if t.key_columns != 1 or t.key_name is None:
+        return f"{name}: the partition key must be a single column (not an expression or several columns); remove it from the policy"
+    mismatch = plan.key_mismatch(t.policy.interval, t.key_type or "")
+    return f"{name}: {mismatch}" if mismatch else None
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def read_integer_bases(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
+    """The current max key of each integer table (the default partition's rows left out: one stray
+    value there must not move the grid)."""
+    for chunk in _chunks(tables, PROBE_CHUNK):
+        parts = []
+        for i, t in enumerate(chunk):
+            where = (
+                sql.SQL(" WHERE tableoid <> {}::regclass").format(
+                    sql.Literal(sql.Identifier(t.default.schema, t.default.name).as_string(conn))
+                )
+                if t.default
+                else sql.SQL("")
+            )
+            parts.append(
+                sql.SQL("SELECT {}::int AS i, (SELECT max({})::bigint FROM {}{})").format(
+                    sql.Literal(i), sql.Identifier(t.key_name), sql.Identifier(*t.name.parts), where
+                )
+            )
+        for i, value in conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall():
+            t = chunk[i]
+            finite = [p.lo for p in plan.attached(t.parts) if not math.isinf(p.lo)]
+            t.base = value if value is not None else (min(finite) if finite else 0)
+
+
+def _range_cond(t: Table, lo: int, hi: int) -> sql.Composed:
+    return sql.SQL("{k} >= {lo} AND {k} < {hi}").format(
+        k=sql.Identifier(t.key_name),
+        lo=sql.Literal(plan.key_to_python(lo, t.kind)),
+        hi=sql.Literal(plan.key_to_python(hi, t.kind)),
+    )
+
+
+def probe_defaults(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
+    """Exact row counts of non-empty default partitions, total and inside each range to create."""
+    for chunk in _chunks(tables, PROBE_CHUNK):
+        stmts = []
+        for i, t in enumerate(chunk):
+            assert t.default is not None
+            ranges = [sql.Literal(0)] + [
+                sql.SQL("count(*) FILTER (WHERE {})").format(_range_cond(t, s.lo, s.hi)) for s in t.creates
+            ]
+            stmts.append(
+                sql.SQL("SELECT {}::int, count(*), ARRAY[{}]::bigint[] FROM {}").format(
+                    sql.Literal(i), sql.SQL(", ").join(ranges), sql.Identifier(t.default.schema, t.default.name)
+                )
+            )
+        for i, total, counts in conn.execute(sql.SQL(" UNION ALL ").join(stmts)).fetchall():
+            t = chunk[i]
+            t.default_rows = total
+            t.conflicts = {s.lo: n for s, n in zip(t.creates, counts[1:], strict=True) if n}
+
+
+def assign_names(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
+    """Spec names for new partitions, made unique against every relation in the schema."""
+    wanted = [(t, s) for t in tables for s in t.creates]
+    taken: set[tuple[str, str]] = set()
+    attempt: dict[tuple[int, int], int] = {}
+    pending = wanted
+    for _ in range(8):
+        if not pending:
+            return
+        candidates = {}
+        for t, s in pending:
+            n = attempt.get((id(t), s.lo), 1)
+            name = plan.partition_name(t.name.name, s.suffix if n == 1 else f"{s.suffix}_{n}")
+            candidates[(id(t), s.lo)] = (t, s, name)
+        keys = [(t.name.schema, name) for t, _, name in candidates.values()]
+        rows = conn.execute(NAMES_SQL, ([k[0] for k in keys], [k[1] for k in keys])).fetchall()
+        taken |= {(r[0], r[1]) for r in rows}
+        retry = []
+        for key, (t, s, name) in candidates.items():
+            if (t.name.schema, name) in taken:
+                attempt[key] = attempt.get(key, 1) + 1
+                retry.append((t, s))
+            else:
+                taken.add((t.name.schema, name))
+                t.names[s.lo] = name
+        pending = retry
+    raise RuntimeError("could not find free names for new partitions")  # pragma: no cover
