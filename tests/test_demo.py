@@ -471,3 +471,30 @@ def test_demo_help_documents_port_data_dir_and_keep() -> None:
     for option in ("--port", "--metrics-port", "--data-dir", "--keep"):
         assert option in text
     assert "--duration" not in text
+
+
+def test_demo_policy_is_valid_and_runs_every_job_on_seconds() -> None:
+    from pgupkeep.policy import load_policy
+    from pgupkeep.scheduler import planned_jobs
+
+    policy = load_policy(
+        DEMO_CONFIG,
+        environ={"PGUPKEEP_DEMO_DSN": "postgresql://postgres@127.0.0.1:5/pgupkeep_demo"},
+    )
+    (target,) = policy.targets
+    assert target.job_kinds() == (
+        "partitions",
+        "materialized_views",
+        "long_running_queries",
+        "bloat",
+        "health",
+    )
+    assert max(job.schedule.period().total_seconds() for job in planned_jobs(policy)) <= 10
+    lrq = target.long_running_queries
+    assert (
+        lrq.warn_after.total_seconds(),
+        lrq.cancel_after.total_seconds(),
+        lrq.terminate_after.total_seconds(),
+    ) == (2, 5, 8)
+    assert lrq.dry_run is False and target.bloat.vacuum is True
+    assert policy.daemon.listen == "127.0.0.1:9188"
