@@ -439,6 +439,14 @@ def test_data_dir_is_removed_only_when_the_demo_created_it(tmp_path: Path) -> No
     (tmp_path / "old" / "pgdata").mkdir(parents=True)
     (tmp_path / "old" / "pgdata" / "PG_VERSION").write_text("18\n")
     assert DataDir.prepare(str(tmp_path / "old"), keep=False).remove is False
+    (tmp_path / "empty").mkdir()
+    given_empty = DataDir.prepare(str(tmp_path / "empty"), keep=False)
+    (given_empty.root / "pgdata").mkdir()
+    (given_empty.root / "server.log").write_text("log")
+    given_empty.clear()
+    assert given_empty.remove and list((tmp_path / "empty").iterdir()) == []
+    fresh.clear()
+    assert not fresh.root.exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(DemoError, match="not empty and holds no earlier demo"):

@@ -152,6 +152,7 @@ def choose_listen(policy_listen: str, metrics_port: int | None) -> tuple[str, st
 class DataDir:
     root: Path
     remove: bool  # remove on exit: we created it and --keep was not given
+    existed: bool = False  # given empty: only what we put in it is removed
 
     @classmethod
     def prepare(cls, data_dir: str | None, keep: bool) -> DataDir:
@@ -163,9 +164,19 @@ class DataDir:
             raise DemoError(
                 f"--data-dir {root}: not empty and holds no earlier demo; pass a new or empty directory"
             )
+        existed = root.exists()
         root.mkdir(parents=True, exist_ok=True)
         # An earlier demo's data (kept with --keep) is the user's: never removed.
-        return cls(root, remove=not keep and not reused)
+        return cls(root, remove=not keep and not reused, existed=existed)
+
+    def clear(self) -> None:
+        for child in self.root.iterdir() if self.existed else ():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        if not self.existed:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass
@@ -386,7 +397,7 @@ def _clean_up(
             sessions.close()
         if data is not None:
             if data.remove:
-                shutil.rmtree(data.root, ignore_errors=True)
+                data.clear()
             elif (data.root / "pgdata" / "PG_VERSION").is_file():
                 print(
                     f"pgupkeep demo: data kept in {data.root}; run again with --data-dir {data.root}",
