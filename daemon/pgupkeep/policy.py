@@ -7,6 +7,7 @@ The model itself lives in policy_model.py and is re-exported here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -78,9 +79,16 @@ Path_ = tuple[str | int, ...]
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _format_path(path: Path_) -> str:
     out = ""
     for part in path:
+        if not isinstance(part, int) and not _PLAIN_KEY_RE.match(str(part)):
+            # A key of blanks or with a line break would be invisible or split the one-problem-a-line
+            # output: show it quoted and escaped.
+            part = json.dumps(str(part), ensure_ascii=False)
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
