@@ -484,3 +484,44 @@ def test_two_hundred_tables_in_one_target(conn: psycopg.Connection, database: st
     assert (again.actions, again.errors, again.findings) == ([], [], [])
     assert conn.execute("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent "
                         "WHERE c.relnamespace = 'many'::regnamespace").fetchone()[0] == 400
+
+
+LOCKED_SESSION = "    lock_timeout: 200ms\n    lock_retries: 1\n"
+
+
+def _locked_pair(conn: psycopg.Connection, a: str, b: str) -> str:
+    _default_table(conn, a)  # a default partition holding rows, so its size matters
+    create_parent(conn, b)
+    conn.execute(f"CREATE TABLE {b}_default PARTITION OF {b} DEFAULT")
+    return (f"        - table: public.{a}\n          interval: monthly\n          premake: 1\n"
+            f"        - table: public.{b}\n          interval: monthly\n          premake: 1\n")
+
+
+def test_locked_default_partition_fails_only_that_table(conn: psycopg.Connection, database: str) -> None:
+    yaml = _locked_pair(conn, "la", "lb")
+    with psycopg.connect(database) as holder:
+        holder.execute("LOCK TABLE la_default IN ACCESS EXCLUSIVE MODE")  # held in an open transaction
+        holder_pid = holder.info.backend_pid
+        started = time.monotonic()
+        out = run_job(database, yaml, NOV, session=LOCKED_SESSION, sleep=time.sleep)
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert out.errors == [ItemError("public.la", (
+        f"public.la: an ACCESS EXCLUSIVE lock on public.la_default is held by pids [{holder_pid}]; pgupkeep does not "
+        "wait behind it (it must read the default partition first): the table is skipped and retried on the next run; "
+        "see pg_stat_activity for those sessions"))]
+    assert actions(out) == [("create_partition", "public.lb_2026_11", True), ("create_partition", "public.lb_2026_12", True)]
+    assert out.findings == [Finding(
+        "partition_runway_low", "public.la", 0,
+        "public.la: only 0 partitions are ready after the current one (want 1); see this run's errors or findings "
+        "for what stopped pgupkeep from creating more",
+        {"table": "public.la", "premade": 0, "want": 1, "runway_seconds": (datetime(2026, 12, 1, tzinfo=UTC) - NOV).total_seconds()})]
+    # The locked table's premade and runway are still known from the catalog; its default rows are not.
+    assert samples(out) == {
+        ("partition_premade", "public.la"): 0.0,
+        ("partition_runway_seconds", "public.la"): (datetime(2026, 12, 1, tzinfo=UTC) - NOV).total_seconds(),
+        ("partition_premade", "public.lb"): 1.0,
+        ("partition_default_rows", "public.lb"): 0.0,
+        ("partition_runway_seconds", "public.lb"): (datetime(2027, 1, 1, tzinfo=UTC) - NOV).total_seconds(),
+    }
+    assert elapsed < 3

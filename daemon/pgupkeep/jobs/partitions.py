@@ -13,6 +13,7 @@ from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.partitions_catalog import (
     Table,
     assign_names,
+    lock_in_the_way,
     probe_defaults,
     read_catalog,
     read_integer_bases,
@@ -107,14 +108,26 @@ def run(ctx: JobContext) -> JobOutput:
             out.errors.append(ItemError(t.label, error))
         else:
             ok.append(t)
-    read_integer_bases(ctx.conn, [t for t in ok if t.kind == "integer"])
     for t in ok:
+        # A table whose reads would wait behind another session's lock is left alone this run,
+        # before any read of it could stall (or, in a shared statement, fail) the others.
+        t.blocked = lock_in_the_way(t)
+    read_integer_bases(ctx.conn, [t for t in ok if t.kind == "integer" and not t.blocked])
+    planned = [t for t in ok if t.kind != "integer" or t.base is not None]
+    for t in planned:
         out.findings.extend(plan_table(t, ctx.now, tz))
-    # An empty default partition (0 bytes) holds no rows: only non-empty ones are counted.
-    probe_defaults(ctx.conn, [t for t in ok if t.default is not None and t.default_bytes > 0])
-    assign_names(ctx.conn, ok)
+    # An empty default partition (0 bytes) holds no rows: only the others are counted, including
+    # any whose size was not read (None). The count is exact, taken just before the DDL; a row
+    # arriving after it makes ATTACH fail for that table alone.
+    probe_defaults(ctx.conn, [t for t in planned if not t.blocked and t.default is not None and t.default_bytes != 0])
+    assign_names(ctx.conn, [t for t in planned if not t.blocked])
     for t in ok:
-        out.extend(run_table(ctx, t))
+        if t.blocked:
+            out.errors.append(ItemError(t.label, t.blocked))
+            if t in planned:
+                out.samples.extend(gauges(ctx, t, t.parts, out))
+        else:
+            out.extend(run_table(ctx, t))
     out.findings.extend(ctx.lock_findings())
     return out
 
@@ -167,8 +180,9 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput) ->
     at = t.base if integer else plan.now_key(ctx.now, t.kind, ctx.timezone)
     assert at is not None
     premade, reach = plan.runway(parts, at)
-    samples = [Sample("partition_premade", float(premade), labels),
-               Sample("partition_default_rows", float(t.default_rows), labels)]
+    samples = [Sample("partition_premade", float(premade), labels)]
+    if not t.blocked:  # a default partition that could not be counted must not read as empty
+        samples.append(Sample("partition_default_rows", float(t.default_rows), labels))
     if not integer:
         samples.append(Sample("partition_runway_seconds", reach / plan.US, labels))
     want = t.policy.runway_warn if t.policy.runway_warn is not None else t.policy.premake

@@ -6,7 +6,7 @@ counts) and free names for new partitions.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +22,20 @@ from pgupkeep.units import QualifiedName
 # that is missing or not partitioned, still has one row. Bounds are cast back to the key's type in
 # the same session that printed them (so TimeZone and DateStyle round-trip) and returned as numbers.
 # pg_relation_size tells an empty default partition (0 bytes) from one that needs a count; it
-# takes and releases an ACCESS SHARE lock per default partition, so no locks pile up.
+# takes and releases an ACCESS SHARE lock per default partition, so no locks pile up. It is the
+# only call here that locks a relation, so it is skipped (NULL: count it, or skip the table) where
+# pg_locks shows an ACCESS EXCLUSIVE lock held or queued: it would wait lock_timeout and fail the
+# whole statement, every table's read with it. Catalog reads take no relation locks.
 CATALOG_SQL = r"""
-WITH managed AS (
+WITH locks AS (
+  SELECT l.relation, bool_or(l.granted) AS granted,
+         array_remove(array_agg(DISTINCT l.pid ORDER BY l.pid), NULL) AS pids
+  FROM pg_locks l
+  WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND l.pid IS DISTINCT FROM pg_backend_pid()
+  GROUP BY l.relation
+), managed AS (
   SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
          a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
          EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid) AS referenced
@@ -56,9 +67,9 @@ WITH managed AS (
   LATERAL (SELECT pg_get_expr(pp.relpartbound, 0) AS e OFFSET 0) b
 )
 SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstrat::text, mg.partnatts,
-       mg.key_name, mg.key_type, mg.tablespace, mg.referenced,
-       p.part_schema, p.part_name, p.pending, p.is_default,
-       CASE WHEN p.is_default THEN pg_relation_size(p.part_oid) END AS default_bytes,
+       mg.key_name, mg.key_type, mg.tablespace, mg.referenced, ml.granted, ml.pids,
+       p.part_schema, p.part_name, p.pending, p.is_default, pl.granted, pl.pids,
+       CASE WHEN p.is_default AND pl.relation IS NULL THEN pg_relation_size(p.part_oid) END AS default_bytes,
        p.lo_raw, p.hi_raw,
        CASE WHEN x.lo IS NULL OR x.lo ILIKE '%%infinity%%' OR x.lo IN ('MINVALUE', 'MAXVALUE') THEN NULL
             WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM x.lo::timestamptz) * 1000000)::bigint
@@ -71,7 +82,9 @@ SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstra
             WHEN p.key_type = 'date' THEN (extract(epoch FROM x.hi::date) * 1000000)::bigint
             WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.hi::bigint END AS hi
 FROM managed mg
+LEFT JOIN locks ml ON ml.relation = mg.parent_oid
 LEFT JOIN bounds p ON p.ord = mg.ord
+LEFT JOIN locks pl ON pl.relation = p.part_oid
 LEFT JOIN LATERAL (SELECT p.lo_raw AS lo, p.hi_raw AS hi) x ON true
 ORDER BY mg.ord
 """
@@ -86,6 +99,32 @@ JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
 # Many tables' probes go in one statement, but each SELECT locks its tables until the statement
 # ends; chunks keep that lock count bounded.
 PROBE_CHUNK = 100
+# Errors that belong to one table's read (a lock that outlasted lock_timeout, a missing grant):
+# the chunk is read again table by table, so only that table fails.
+ITEM_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege)
+# Who holds or awaits the one lock mode that blocks a read (ACCESS EXCLUSIVE), on given relations.
+LOCKS_SQL = """
+SELECT n.nspname || '.' || c.relname, bool_or(l.granted), array_remove(array_agg(DISTINCT l.pid ORDER BY l.pid), NULL)
+FROM pg_locks l
+JOIN pg_class c ON c.oid = l.relation
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.pid IS DISTINCT FROM pg_backend_pid()
+  AND l.relation IN (SELECT to_regclass(r) FROM unnest(%s::text[]) AS r)
+GROUP BY 1
+ORDER BY 1
+"""
+CATALOG_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Lock:
+    """An ACCESS EXCLUSIVE lock another session holds (or waits for) on one relation."""
+
+    relation: str
+    granted: bool
+    pids: tuple[int, ...]
 
 
 @dataclass
@@ -103,14 +142,15 @@ class Table:
     referenced: bool = False
     parts: list[Partition] = field(default_factory=list)
     default: Partition | None = None
-    default_bytes: int = 0
+    default_bytes: int | None = 0  # None: not measured (locked), so it must be counted
     default_rows: int = 0
     base: int | None = None  # integer keys: the max key value (or a fallback)
     slots: list[plan.SlotState] = field(default_factory=list)
     creates: list[Slot] = field(default_factory=list)
     conflicts: dict[int, int] = field(default_factory=dict)  # slot.lo -> rows in the default
     names: dict[int, str] = field(default_factory=dict)  # slot.lo -> new partition name
-    error: str | None = None
+    locks: dict[str, Lock] = field(default_factory=dict)  # relation -> lock in the way of a read
+    blocked: str | None = None  # why this run leaves the table alone (a lock in the way of a read)
 
     @property
     def name(self) -> QualifiedName:
@@ -125,23 +165,37 @@ class Table:
         return plan.KEY_KINDS[self.key_type or ""]
 
 
+def _catalog_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[tuple[Any, ...]]:
+    params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables]}
+    for attempt in range(1, CATALOG_ATTEMPTS + 1):
+        try:
+            return conn.execute(CATALOG_SQL, params).fetchall()
+        except psycopg.errors.LockNotAvailable:
+            # An ACCESS EXCLUSIVE lock taken between reading pg_locks and sizing a default
+            # partition in the same statement: read again, now seeing that lock.
+            if attempt == CATALOG_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
 def read_catalog(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[Table]:
     out = [Table(policy=t) for t in tables]
-    rows = conn.execute(
-        CATALOG_SQL,
-        {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables]},
-    ).fetchall()
-    for row in rows:
-        (ord_, found, relkind, strat, natts, key_name, key_type, tablespace, referenced,
-         p_schema, p_name, pending, is_default, default_bytes, lo_raw, hi_raw, lo, hi) = row
+    for row in _catalog_rows(conn, tables):
+        (ord_, found, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
+         p_schema, p_name, pending, is_default, p_granted, p_pids, default_bytes, lo_raw, hi_raw, lo, hi) = row
         t = out[ord_ - 1]
         t.found, t.relkind, t.strategy, t.key_columns = found, relkind, strat, natts
         t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
+        if t_granted is not None:
+            parent = f"{t.name.schema}.{t.name.name}"
+            t.locks[parent] = Lock(parent, t_granted, tuple(t_pids))
         if p_name is None:
             continue
+        if p_granted is not None:
+            t.locks[f"{p_schema}.{p_name}"] = Lock(f"{p_schema}.{p_name}", p_granted, tuple(p_pids))
         if is_default:
             t.default = Partition(p_schema, p_name, -math.inf, math.inf)
-            t.default_bytes = default_bytes or 0
+            t.default_bytes = default_bytes
             continue
         lo_v: plan.Bound = lo if lo is not None else (math.inf if lo_raw == "MAXVALUE" else -math.inf)
         hi_v: plan.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
@@ -164,33 +218,99 @@ def validate(t: Table) -> str | None:
     return f"{name}: {mismatch}" if mismatch else None
 
 
+def _read_relations(t: Table) -> tuple[list[tuple[str, str]], str]:
+    """The relations this run must read for a table (so a lock on them is in the way), and what."""
+    default = [(t.default.schema, t.default.name)] if t.default else []
+    if t.kind == "integer":
+        # max(key) over the parent opens every partition, the default one included.
+        parts = [(p.schema, p.name) for p in t.parts]
+        return [t.name.parts, *default, *parts], "the table's rows (for its current max key)"
+    return default, "the default partition"
+
+
+def _lock_phrase(locks: Sequence[Lock]) -> str:
+    groups: dict[tuple[bool, tuple[int, ...]], list[str]] = {}
+    for lock in locks:
+        groups.setdefault((lock.granted, lock.pids), []).append(lock.relation)
+    phrases = []
+    for (granted, pids), rels in groups.items():
+        shown = ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
+        state = "held" if granted else "awaited"
+        lock = "an ACCESS EXCLUSIVE lock on" if len(rels) == 1 else "ACCESS EXCLUSIVE locks on"
+        by = f"pids {list(pids)}" if pids else "a prepared transaction (see pg_prepared_xacts)"
+        phrases.append(f"{lock} {shown} {'is' if len(rels) == 1 else 'are'} {state} by {by}")
+    return "; ".join(phrases)
+
+
+def lock_in_the_way(t: Table) -> str | None:
+    """Why the table cannot be read without waiting behind another session's lock, if it cannot."""
+    relations, what = _read_relations(t)
+    locks = [t.locks[f"{s}.{n}"] for s, n in relations if f"{s}.{n}" in t.locks]
+    if not locks:
+        return None
+    return (f"{t.label}: {_lock_phrase(locks)}; pgupkeep does not wait behind it (it must read {what} first): "
+            "the table is skipped and retried on the next run; see pg_stat_activity for those sessions")
+
+
+def _read_failure(conn: psycopg.Connection, t: Table, exc: psycopg.Error) -> str:
+    relations, what = _read_relations(t)
+    if not isinstance(exc, psycopg.errors.LockNotAvailable):
+        return f"{t.label}: reading {what} failed: {str(exc).strip()}; grant pgupkeep's role SELECT on the table"
+    names = [sql.Identifier(*r).as_string(conn) for r in relations]
+    locks = [Lock(r, g, tuple(p)) for r, g, p in conn.execute(LOCKS_SQL, (names,)).fetchall()]
+    held = _lock_phrase(locks) if locks else "the lock was released meanwhile"
+    return (f"{t.label}: reading {what} waited out lock_timeout: {held}; the table is skipped and retried on "
+            "the next run; see pg_stat_activity for those sessions")
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
+def _read_each(
+    conn: psycopg.Connection,
+    tables: Sequence[Table],
+    select: Callable[[int, Table], sql.Composed],
+    take: Callable[[Table, tuple[Any, ...]], None],
+) -> None:
+    """Run `select` for many tables a chunk at a time (rows start with the table's index in the
+    chunk); a table whose own read fails gets `blocked` and the others are read regardless."""
+    for chunk in _chunks(tables, PROBE_CHUNK):
+        try:
+            rows = conn.execute(sql.SQL(" UNION ALL ").join(select(i, t) for i, t in enumerate(chunk))).fetchall()
+        except ITEM_ERRORS:
+            rows = []
+            for i, t in enumerate(chunk):
+                try:
+                    rows.extend(conn.execute(select(i, t)).fetchall())
+                except ITEM_ERRORS as exc:
+                    t.blocked = _read_failure(conn, t, exc)
+        for row in rows:
+            take(chunk[row[0]], row[1:])
+
+
 def read_integer_bases(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
     """The current max key of each integer table (the default partition's rows left out: one stray
     value there must not move the grid)."""
-    for chunk in _chunks(tables, PROBE_CHUNK):
-        parts = []
-        for i, t in enumerate(chunk):
-            where = (
-                sql.SQL(" WHERE tableoid <> {}::regclass").format(
-                    sql.Literal(sql.Identifier(t.default.schema, t.default.name).as_string(conn))
-                )
-                if t.default
-                else sql.SQL("")
+
+    def select(i: int, t: Table) -> sql.Composed:
+        where = (
+            sql.SQL(" WHERE tableoid <> {}::regclass").format(
+                sql.Literal(sql.Identifier(t.default.schema, t.default.name).as_string(conn))
             )
-            parts.append(
-                sql.SQL("SELECT {}::int AS i, (SELECT max({})::bigint FROM {}{})").format(
-                    sql.Literal(i), sql.Identifier(t.key_name), sql.Identifier(*t.name.parts), where
-                )
-            )
-        for i, value in conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall():
-            t = chunk[i]
-            finite = [p.lo for p in plan.attached(t.parts) if not math.isinf(p.lo)]
-            t.base = value if value is not None else (min(finite) if finite else 0)
+            if t.default
+            else sql.SQL("")
+        )
+        return sql.SQL("SELECT {}::int AS i, (SELECT max({})::bigint FROM {}{})").format(
+            sql.Literal(i), sql.Identifier(t.key_name), sql.Identifier(*t.name.parts), where
+        )
+
+    def take(t: Table, row: tuple[Any, ...]) -> None:
+        finite = [p.lo for p in plan.attached(t.parts) if not math.isinf(p.lo)]
+        t.base = row[0] if row[0] is not None else (min(finite) if finite else 0)
+
+    _read_each(conn, tables, select, take)
 
 
 def _range_cond(t: Table, lo: int, hi: int) -> sql.Composed:
@@ -202,23 +322,24 @@ def _range_cond(t: Table, lo: int, hi: int) -> sql.Composed:
 
 
 def probe_defaults(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
-    """Exact row counts of non-empty default partitions, total and inside each range to create."""
-    for chunk in _chunks(tables, PROBE_CHUNK):
-        stmts = []
-        for i, t in enumerate(chunk):
-            assert t.default is not None
-            ranges = [sql.Literal(0)] + [
-                sql.SQL("count(*) FILTER (WHERE {})").format(_range_cond(t, s.lo, s.hi)) for s in t.creates
-            ]
-            stmts.append(
-                sql.SQL("SELECT {}::int, count(*), ARRAY[{}]::bigint[] FROM {}").format(
-                    sql.Literal(i), sql.SQL(", ").join(ranges), sql.Identifier(t.default.schema, t.default.name)
-                )
-            )
-        for i, total, counts in conn.execute(sql.SQL(" UNION ALL ").join(stmts)).fetchall():
-            t = chunk[i]
-            t.default_rows = total
-            t.conflicts = {s.lo: n for s, n in zip(t.creates, counts[1:], strict=True) if n}
+    """Exact row counts of default partitions, total and inside each range to create. A table
+    whose count could not be taken is `blocked`: nothing is created over rows not counted."""
+
+    def select(i: int, t: Table) -> sql.Composed:
+        assert t.default is not None
+        ranges = [sql.Literal(0)] + [
+            sql.SQL("count(*) FILTER (WHERE {})").format(_range_cond(t, s.lo, s.hi)) for s in t.creates
+        ]
+        return sql.SQL("SELECT {}::int, count(*), ARRAY[{}]::bigint[] FROM {}").format(
+            sql.Literal(i), sql.SQL(", ").join(ranges), sql.Identifier(t.default.schema, t.default.name)
+        )
+
+    def take(t: Table, row: tuple[Any, ...]) -> None:
+        total, counts = row
+        t.default_rows = total
+        t.conflicts = {s.lo: n for s, n in zip(t.creates, counts[1:], strict=True) if n}
+
+    _read_each(conn, tables, select, take)
 
 
 def assign_names(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
