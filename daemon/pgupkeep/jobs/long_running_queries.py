@@ -48,7 +48,8 @@ SELECT a.pid,
        a.xact_start,
        a.query_start,
        a.state_change,
-       extract(epoch FROM now() - CASE WHEN a.state = 'active' THEN a.query_start ELSE a.state_change END)::float8
+       -- A backend still 'starting' has xact_start but neither query_start nor state_change yet.
+       coalesce(extract(epoch FROM now() - CASE WHEN a.state = 'active' THEN a.query_start ELSE a.state_change END), 0)::float8
            AS age_seconds,
        extract(epoch FROM now() - a.xact_start)::float8 AS xact_age_seconds,
        left(a.query, %(query_limit)s) AS query,
