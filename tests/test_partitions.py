@@ -14,7 +14,14 @@ import pytest
 from pgupkeep import db
 from pgupkeep.jobs import partitions
 from pgupkeep.jobs.base import JobContext
-from pgupkeep.policy import parse_policy
+from pgupkeep.jobs.partitions import plan_table
+from pgupkeep.jobs.partitions_catalog import (
+    assign_names,
+    probe_defaults,
+    read_catalog,
+    read_integer_bases,
+)
+from pgupkeep.policy import Target, parse_policy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -525,3 +532,113 @@ def test_locked_default_partition_fails_only_that_table(conn: psycopg.Connection
         ("partition_runway_seconds", "public.lb"): (datetime(2027, 1, 1, tzinfo=UTC) - NOV).total_seconds(),
     }
     assert elapsed < 3
+
+
+def _target(dsn: str, tables_yaml: str, session: str = LOCKED_SESSION) -> Target:
+    text = (f"version: 1\ntargets:\n  - name: t\n    dsn: \"${{DSN}}\"\n{session}"
+            f"    partitions:\n      tables:\n{tables_yaml}")
+    return parse_policy(text, environ={"DSN": dsn}).targets[0]
+
+
+def test_lock_taken_after_the_catalog_read_fails_only_that_table(conn: psycopg.Connection, database: str) -> None:
+    # The lock comes between the catalog read and the counts, too late for pg_locks to show it:
+    # the shared statement waits out lock_timeout, and the tables are then read one by one.
+    yaml = _locked_pair(conn, "pa", "pb")
+    conn.execute("INSERT INTO pb (id, k) VALUES (1, '1999-01-01+00')")  # so pb's default is counted too
+    target = _target(database, yaml)
+    with db.connect(target) as c, psycopg.connect(database) as holder:
+        tables = read_catalog(c, target.partitions.tables)
+        for t in tables:
+            plan_table(t, NOV, ZoneInfo("UTC"))
+        holder.execute("LOCK TABLE pa_default IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        probe_defaults(c, tables)
+        elapsed = time.monotonic() - started
+        holder_pid = holder.info.backend_pid
+        holder.rollback()
+    a, b = tables
+    assert a.blocked == (
+        f"public.pa: reading the default partition waited out lock_timeout: an ACCESS EXCLUSIVE lock on "
+        f"public.pa_default is held by pids [{holder_pid}]; the table is skipped and retried on the next run; "
+        "see pg_stat_activity for those sessions")
+    assert (a.default_rows, a.conflicts) == (0, {})  # not counted, so nothing is planned over its rows
+    assert (b.blocked, b.default_rows, b.conflicts) == (None, 1, {})
+    assert elapsed < 1.5  # two waits of lock_timeout 200ms
+
+
+def test_integer_max_key_read_behind_a_lock_fails_only_that_table(conn: psycopg.Connection, database: str) -> None:
+    for name in ("ia", "ib"):
+        create_parent(conn, name, "bigint")
+        conn.execute(f"CREATE TABLE {name}_0 PARTITION OF {name} FOR VALUES FROM (0) TO (100)")
+        conn.execute(f"INSERT INTO {name} (id, k) VALUES (1, 42)")
+    yaml = "".join(f"        - table: public.{n}\n          interval: 100\n          premake: 1\n" for n in ("ia", "ib"))
+    target = _target(database, yaml)
+    with db.connect(target) as c, psycopg.connect(database) as holder:
+        tables = read_catalog(c, target.partitions.tables)
+        holder.execute("LOCK TABLE ONLY ia_0 IN ACCESS EXCLUSIVE MODE")
+        read_integer_bases(c, tables)
+        holder_pid = holder.info.backend_pid
+        holder.rollback()
+    assert [(t.blocked, t.base) for t in tables] == [
+        (f"public.ia: reading the current max key waited out lock_timeout: an ACCESS EXCLUSIVE lock on public.ia_0 "
+         f"is held by pids [{holder_pid}]; the table is skipped and retried on the next run; "
+         "see pg_stat_activity for those sessions", None),
+        (None, 42),
+    ]
+
+
+def test_locks_seen_in_the_catalog_skip_only_reads_they_block(conn: psycopg.Connection, database: str) -> None:
+    # An integer table's max key reads every partition: a lock on any of them (here LOCK TABLE on
+    # the parent, which locks every partition too) is in the way. A time table reads only its
+    # default partition: a lock on an old partition stops nothing but that partition's retirement.
+    create_parent(conn, "ic", "bigint")
+    for lo in (0, 100, 200, 300):
+        conn.execute(f"CREATE TABLE ic_{lo} PARTITION OF ic FOR VALUES FROM ({lo}) TO ({lo + 100})")
+    create_parent(conn, "tc")
+    conn.execute("CREATE TABLE tc_old PARTITION OF tc FOR VALUES FROM ('2025-01-01+00') TO ('2025-02-01+00')")
+    yaml = ("        - table: public.ic\n          interval: 100\n          premake: 1\n"
+            "        - table: public.tc\n          interval: monthly\n          premake: 1\n")
+    with psycopg.connect(database) as holder:
+        holder.execute("LOCK TABLE ic, tc_old IN ACCESS EXCLUSIVE MODE")
+        out = run_job(database, yaml, NOV, session=LOCKED_SESSION, sleep=time.sleep)
+        holder_pid = holder.info.backend_pid
+        holder.rollback()
+    assert out.errors == [ItemError("public.ic", (
+        f"public.ic: ACCESS EXCLUSIVE locks on public.ic, public.ic_0, public.ic_100 and 2 more are held by pids "
+        f"[{holder_pid}]; pgupkeep does not wait behind it (it must read the current max key first): the table is "
+        "skipped and retried on the next run; see pg_stat_activity for those sessions"))]
+    assert actions(out) == [("create_partition", "public.tc_2026_11", True), ("create_partition", "public.tc_2026_12", True)]
+    assert [s.labels["table"] for s in out.samples] == ["public.tc"] * 3  # ic's max key, so its runway, is unknown
+
+
+def test_rows_arriving_after_the_count_fail_attach_for_that_table_only(conn: psycopg.Connection, database: str) -> None:
+    # The default partition was empty (0 bytes, not counted) when read; a row for December lands
+    # there before the DDL. ATTACH re-checks the default partition under its lock and refuses.
+    create_parent(conn, "sa")
+    conn.execute("CREATE TABLE sa_default PARTITION OF sa DEFAULT")
+    create_parent(conn, "sb")
+    yaml = "".join(f"        - table: public.{n}\n          interval: monthly\n          premake: 1\n" for n in ("sa", "sb"))
+    target = _target(database, yaml)
+    with db.connect(target) as c:
+        ctx = JobContext(target=target, section=target.partitions, conn=c, now=NOV, timezone=ZoneInfo("UTC"))
+        tables = read_catalog(c, target.partitions.tables)
+        assert tables[0].default_bytes == 0
+        conn.execute("INSERT INTO sa (id, k) VALUES (1, '2026-12-05+00')")
+        for t in tables:
+            plan_table(t, NOV, ctx.timezone)
+        assign_names(c, tables)
+        outs = [partitions.run_table(ctx, t) for t in tables]
+    assert outs[0].errors == [ItemError("public.sa", (
+        'public.sa: create partition public.sa_2026_12 failed: updated partition constraint for default partition '
+        '"sa_default" would be violated by some row; rows in its range reached the default partition after '
+        "pgupkeep counted them: the next run counts again and applies on_default_conflict"))]
+    assert actions(outs[0]) == [("create_partition", "public.sa_2026_11", True), ("create_partition", "public.sa_2026_12", False)]
+    assert (outs[1].errors, actions(outs[1])) == ([], [("create_partition", "public.sb_2026_11", True),
+                                                       ("create_partition", "public.sb_2026_12", True)])
+    assert conn.execute("SELECT to_regclass('sa_2026_12') IS NULL").fetchone()[0]  # rolled back whole
+    assert conn.execute("SELECT count(*) FROM sa_default").fetchone()[0] == 1
+    # The next run counts the row and applies on_default_conflict (fail).
+    again = run_job(database, yaml, NOV)
+    assert [e.message.split(";")[0] for e in again.errors] == [
+        "public.sa: 1 rows in the default partition public.sa_default fall in "
+        f"{DEC_RANGE}, the range of new partition public.sa_2026_12"]

@@ -224,7 +224,7 @@ def _read_relations(t: Table) -> tuple[list[tuple[str, str]], str]:
     if t.kind == "integer":
         # max(key) over the parent opens every partition, the default one included.
         parts = [(p.schema, p.name) for p in t.parts]
-        return [t.name.parts, *default, *parts], "the table's rows (for its current max key)"
+        return [t.name.parts, *default, *parts], "the current max key"
     return default, "the default partition"
 
 
@@ -233,7 +233,8 @@ def _lock_phrase(locks: Sequence[Lock]) -> str:
     for lock in locks:
         groups.setdefault((lock.granted, lock.pids), []).append(lock.relation)
     phrases = []
-    for (granted, pids), rels in groups.items():
+    for (granted, pids), unsorted in groups.items():
+        rels = sorted(unsorted)
         shown = ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
         state = "held" if granted else "awaited"
         lock = "an ACCESS EXCLUSIVE lock on" if len(rels) == 1 else "ACCESS EXCLUSIVE locks on"

@@ -176,4 +176,10 @@ def apply_step(ctx: JobContext, t: Table, step: Step) -> str | None:
             return (f"{t.label}: {step.action.object} is half detached (pending); the next run finishes it "
                     f"with DETACH PARTITION ... FINALIZE: {str(exc).strip()}")
     what = step.action.action.replace("_", " ")
-    return f"{t.label}: {what} {step.action.object} failed: {str(failure).strip()}"
+    message = f"{t.label}: {what} {step.action.object} failed: {str(failure).strip()}"
+    if isinstance(failure, psycopg.errors.CheckViolation) and step.made is not None:
+        # ATTACH re-checks the default partition under its lock, so rows that arrived after the
+        # count never end up outside their partition's bounds; the step rolled back whole.
+        message += ("; rows in its range reached the default partition after pgupkeep counted them: "
+                    "the next run counts again and applies on_default_conflict")
+    return message
