@@ -97,9 +97,11 @@ def server_settings(preload_pgss: bool = False, min_connections: int = 0, restor
         with connect() as c:
             for k, v in changes.items():
                 c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(k), sql.Literal(v)))
-            if preload_pgss:
-                c.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
         restart_server()
+        if "shared_preload_libraries" in changes:
+            with connect() as c:  # only known once the library is loaded; a reload applies it
+                c.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
+                c.execute("SELECT pg_reload_conf()")
     try:
         yield
     finally:
@@ -107,7 +109,7 @@ def server_settings(preload_pgss: bool = False, min_connections: int = 0, restor
             with connect() as c:
                 for k in changes:
                     c.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(k)))
-                if preload_pgss:
+                if "shared_preload_libraries" in changes:
                     c.execute("ALTER SYSTEM RESET pg_stat_statements.track_planning")
             restart_server()
             print("server: settings restored", flush=True)

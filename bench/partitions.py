@@ -183,13 +183,15 @@ def bench_tables(n: int, runs: int) -> list[list[str]]:
                 try:
                     pm_fn.append(timed_sql(db, "SELECT partman.run_maintenance()"))
                 except psycopg.Error as exc:
-                    print(f"  run_maintenance() failed: {str(exc).strip()}", flush=True)
+                    print(f"  run_maintenance() failed: {str(exc).strip().splitlines()[0]}", flush=True)
                     pm_fn.append(float("nan"))
                     timed_sql(db, "CALL partman.run_maintenance_proc()")
         pm_m, pu_m = median(pm_new), median(pu_new)
         rows.append([f"{n} tables, one new partition each", "run_maintenance_proc()", fmt_s(pm_m), fmt_s(pu_m), ratio(pu_m, pm_m)])
-        fn_m = median([x for x in pm_fn if x == x])
-        rows.append([f"{n} tables, one new partition each", "run_maintenance() (ref.)", fmt_s(fn_m), fmt_s(pu_m), ratio(pu_m, fn_m)])
+        ok = [x for x in pm_fn if x == x]
+        fn_m = median(ok)
+        fn_text = fmt_s(fn_m) if len(ok) == len(pm_fn) else f"failed {len(pm_fn) - len(ok)}/{len(pm_fn)}" + (f", {fmt_s(fn_m)}" if ok else "")
+        rows.append([f"{n} tables, one new partition each", "run_maintenance() (ref.)", fn_text, fmt_s(pu_m), ratio(pu_m, fn_m) if ok else "n/a"])
         print(f"  one-new {n}: proc {[round(x, 3) for x in pm_new]} fn {[round(x, 3) for x in pm_fn]} "
               f"pgupkeep {[round(x, 3) for x in pu_new]}", flush=True)
     return rows
