@@ -169,3 +169,12 @@ def test_json_lines_have_timestamp_level_event_first():
     assert list(lines[0])[:3] == ["timestamp", "level", "event"]
     assert lines[0]["event"] == "daemon_started" and lines[0]["timestamp"].endswith("Z")
     assert lines[1]["event"] == "from the standard library" and lines[1]["logger"] == "psycopg"
+
+
+def test_a_replica_that_lost_the_lease_drops_its_job_gauges():
+    m = Metrics()
+    m.record(result(job="health", samples=(Sample("database_size_bytes", 123),), target_up=True, leader=True))
+    assert value(m, "pgupkeep_database_size_bytes", target="shop") == 123
+    m.record(result(job="health", outcome="skipped", reason="not_leader", target_up=True, leader=False))
+    assert value(m, "pgupkeep_database_size_bytes", target="shop") is None
+    assert value(m, "pgupkeep_target_leader", target="shop") == 0

@@ -142,6 +142,9 @@ class Metrics:
                 self.job_duration.labels(t, job).observe(result.duration_seconds)
             if result.outcome == "success":
                 self.job_last_success.labels(t, job).set(result.started_at + result.duration_seconds)
+            if result.reason == "not_leader":
+                # What this replica measured while it led is stale now; the leader reports it.
+                self._drop_series(t, job)
             for action in result.actions:
                 self._count_action(t, action.action, action.applied, action.detail)
             for finding in result.findings:
@@ -180,6 +183,13 @@ class Metrics:
                 with contextlib.suppress(KeyError):
                     self.gauges[name].remove(*stale)
             self._series[key] = values
+
+
+    def _drop_series(self, target: str, job: str) -> None:
+        for key in [k for k in self._series if k[0] == target and k[1] == job]:
+            for stale in self._series.pop(key):
+                with contextlib.suppress(KeyError):
+                    self.gauges[key[3]].remove(*stale)
 
 
 def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
