@@ -1,6 +1,7 @@
 """The `partitions` job: keep `premake` range partitions ready after the current one, retire old
 ones, and report runway, gaps, overlaps and default-partition rows. This module orchestrates; the
-catalog reads live in partitions_catalog, the DDL in partitions_ddl, the calendar in partitions_plan.
+catalog reads live in partitions_catalog (other sessions' locks in partitions_locks), the DDL in
+partitions_ddl, the calendar in partitions_plan.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.partitions_catalog import (
     Table,
     assign_names,
-    lock_in_the_way,
     probe_defaults,
     read_catalog,
     read_integer_bases,
     validate,
 )
 from pgupkeep.jobs.partitions_ddl import apply_step, create_steps, retire_steps
+from pgupkeep.jobs.partitions_locks import lock_in_the_way
 from pgupkeep.jobs.partitions_plan import Partition
 from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
 

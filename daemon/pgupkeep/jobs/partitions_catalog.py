@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from pgupkeep.jobs import partitions_plan as plan
+from pgupkeep.jobs.partitions_locks import Lock, read_failure
 from pgupkeep.jobs.partitions_plan import Partition, Slot
 from pgupkeep.policy import PartitionTable
 from pgupkeep.units import QualifiedName
@@ -102,31 +103,7 @@ PROBE_CHUNK = 100
 # Errors that belong to one table's read (a lock that outlasted lock_timeout, a missing grant):
 # the chunk is read again table by table, so only that table fails.
 ITEM_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege)
-# Who holds or awaits the one lock mode that blocks a read (ACCESS EXCLUSIVE), on given relations.
-LOCKS_SQL = """
-SELECT n.nspname || '.' || c.relname, bool_or(l.granted), array_remove(array_agg(DISTINCT l.pid ORDER BY l.pid), NULL)
-FROM pg_locks l
-JOIN pg_class c ON c.oid = l.relation
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.pid IS DISTINCT FROM pg_backend_pid()
-  AND l.relation IN (SELECT to_regclass(r) FROM unnest(%s::text[]) AS r)
-GROUP BY 1
-ORDER BY 1
-"""
 CATALOG_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class Lock:
-    """An ACCESS EXCLUSIVE lock another session holds (or waits for) on one relation."""
-
-    relation: str
-    granted: bool
-    pids: tuple[int, ...]
-
-
 @dataclass
 class Table:
     """One managed table: its policy, what the catalog says, and what this run plans for it."""
@@ -216,54 +193,6 @@ def validate(t: Table) -> str | None:
         return f"{name}: the partition key must be a single column (not an expression or several columns); remove it from the policy"
     mismatch = plan.key_mismatch(t.policy.interval, t.key_type or "")
     return f"{name}: {mismatch}" if mismatch else None
-
-
-def _read_relations(t: Table) -> tuple[list[tuple[str, str]], str]:
-    """The relations this run must read for a table (so a lock on them is in the way), and what."""
-    default = [(t.default.schema, t.default.name)] if t.default else []
-    if t.kind == "integer":
-        # max(key) over the parent opens every partition, the default one included.
-        parts = [(p.schema, p.name) for p in t.parts]
-        return [t.name.parts, *default, *parts], "the current max key"
-    return default, "the default partition"
-
-
-def _lock_phrase(locks: Sequence[Lock]) -> str:
-    groups: dict[tuple[bool, tuple[int, ...]], list[str]] = {}
-    for lock in locks:
-        groups.setdefault((lock.granted, lock.pids), []).append(lock.relation)
-    phrases = []
-    for (granted, pids), unsorted in groups.items():
-        rels = sorted(unsorted)
-        shown = ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
-        state = "held" if granted else "awaited"
-        lock = "an ACCESS EXCLUSIVE lock on" if len(rels) == 1 else "ACCESS EXCLUSIVE locks on"
-        by = f"pids {list(pids)}" if pids else "a prepared transaction (see pg_prepared_xacts)"
-        phrases.append(f"{lock} {shown} {'is' if len(rels) == 1 else 'are'} {state} by {by}")
-    return "; ".join(phrases)
-
-
-def lock_in_the_way(t: Table) -> str | None:
-    """Why the table cannot be read without waiting behind another session's lock, if it cannot."""
-    relations, what = _read_relations(t)
-    locks = [t.locks[f"{s}.{n}"] for s, n in relations if f"{s}.{n}" in t.locks]
-    if not locks:
-        return None
-    return (f"{t.label}: {_lock_phrase(locks)}; pgupkeep does not wait behind it (it must read {what} first): "
-            "the table is skipped and retried on the next run; see pg_stat_activity for those sessions")
-
-
-def _read_failure(conn: psycopg.Connection, t: Table, exc: psycopg.Error) -> str:
-    relations, what = _read_relations(t)
-    if not isinstance(exc, psycopg.errors.LockNotAvailable):
-        return f"{t.label}: reading {what} failed: {str(exc).strip()}; grant pgupkeep's role SELECT on the table"
-    names = [sql.Identifier(*r).as_string(conn) for r in relations]
-    locks = [Lock(r, g, tuple(p)) for r, g, p in conn.execute(LOCKS_SQL, (names,)).fetchall()]
-    held = _lock_phrase(locks) if locks else "the lock was released meanwhile"
-    return (f"{t.label}: reading {what} waited out lock_timeout: {held}; the table is skipped and retried on "
-            "the next run; see pg_stat_activity for those sessions")
-
-
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -286,7 +215,7 @@ def _read_each(
                 try:
                     rows.extend(conn.execute(select(i, t)).fetchall())
                 except ITEM_ERRORS as exc:
-                    t.blocked = _read_failure(conn, t, exc)
+                    t.blocked = read_failure(conn, t, exc)
         for row in rows:
             take(chunk[row[0]], row[1:])
 
