@@ -73,14 +73,13 @@ for i in "${!NAMES[@]}"; do
     status=1
     continue
   fi
-  version=$("$bindir/postgres" --version 2>&1)
-  echo "=== $name: $version ($bindir)"
+  version=$("$bindir/postgres" --version 2>&1 | sed -E 's/.*\(PostgreSQL\) ([0-9.]+).*/\1/')
+  echo "=== $name: PostgreSQL $version ($bindir)"
   log="$DIR/pytest-${name// /-}.log"
-  start=$(date +%s)
   PGUPKEEP_PG_BINDIR="$bindir" "$PYTHON" -m pytest "${PYTEST[@]}" 2>&1 | tee "$log"
   code=${PIPESTATUS[0]}
   summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
-  RESULTS+=("$name | ${version##* } | ${summary:-exit $code} ($(( $(date +%s) - start ))s)")
+  RESULTS+=("$name | $version | ${summary:-exit $code}")
   [ "$code" -eq 0 ] || status=1
 done
 
