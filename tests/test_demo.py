@@ -216,7 +216,7 @@ def _all_seen(events: list[dict[str, Any]]) -> bool:
 
 
 @needs_server
-def test_demo_shows_every_job_then_stops_on_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
+def test_demo_shows_every_job_then_stops_on_ctrl_c_and_leaves_nothing() -> None:
     metrics_port = free_port()
     # --duration is only a safety net here: the test stops it with SIGINT, as Ctrl-C would.
     with demo(["--metrics-port", str(metrics_port), "--duration", "300"]) as d:
