@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -271,3 +272,34 @@ def server_is_standby(conn: psycopg.Connection) -> bool:
     row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
     return bool(row and row[0])
 
+
+
+# --------------------------------------------------------------------------- reads past locks
+
+# A CTE, `exclusive_locks(relation, granted, pids)`: relations of this database on which another
+# session holds (granted) or awaits an ACCESS EXCLUSIVE lock. Size functions take ACCESS SHARE and
+# would queue behind such a lock, failing the whole set-based statement; catalog reads take no
+# relation locks. Queries call size functions only for relations not listed here.
+EXCLUSIVE_LOCKS_CTE = """exclusive_locks AS (
+    SELECT l.relation, bool_or(l.granted) AS granted,
+           array_remove(array_agg(DISTINCT l.pid ORDER BY l.pid), NULL) AS pids
+    FROM pg_locks l
+    WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.pid IS DISTINCT FROM pg_backend_pid()
+    GROUP BY l.relation
+)"""
+READ_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def read_past_exclusive_locks(read: Callable[[], T], attempts: int = READ_ATTEMPTS) -> T:
+    """Run a statement built on EXCLUSIVE_LOCKS_CTE, again if a lock was taken between its
+    reading pg_locks and calling a size function (it then sees that lock and steps around it)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return read()
+        except psycopg.errors.LockNotAvailable:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")

@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgupkeep.db import LockTimeoutError
+from pgupkeep.db import LockTimeoutError, read_past_exclusive_locks
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.bloat_estimate import (
     SETTINGS_SQL,
@@ -45,7 +46,6 @@ LIMIT 1
 """
 APPROX_SQL = "SELECT table_len, dead_tuple_len, approx_free_space FROM {}(%s::oid::regclass)"
 MIN_APPROX_SECONDS = 0.05  # below this a call cannot finish; keep the estimate
-CATALOG_ATTEMPTS = 3
 
 REMEDY_VACUUM = "VACUUM (ANALYZE) {t} makes the dead tuples' space reusable"
 REMEDY_REPACK = (
@@ -70,17 +70,12 @@ class Plan:
 
 def read_tables(conn: psycopg.Connection) -> tuple[list[TableRow], Settings]:
     settings = settings_from_rows(conn.execute(SETTINGS_SQL).fetchall())
-    for attempt in range(1, CATALOG_ATTEMPTS + 1):
-        try:
-            with conn.cursor(row_factory=dict_row) as cur:
-                records = cur.execute(TABLES_SQL).fetchall()
-            return [row_from_record(r) for r in records], settings
-        except psycopg.errors.LockNotAvailable:
-            # An ACCESS EXCLUSIVE lock taken between reading pg_locks and calling a size
-            # function in the same statement: read again, now seeing that lock.
-            if attempt == CATALOG_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
+
+    def read() -> list[dict[str, Any]]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(TABLES_SQL).fetchall()
+
+    return [row_from_record(r) for r in read_past_exclusive_locks(read)], settings
 
 
 def approx_function(conn: psycopg.Connection) -> sql.Identifier | None:

@@ -13,19 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pgupkeep.db import EXCLUSIVE_LOCKS_CTE
+
 # The size function is only called for tables nobody holds or awaits an ACCESS EXCLUSIVE lock on:
 # pg_relation_size takes ACCESS SHARE, which would queue behind such a lock (up to lock_timeout)
 # and fail the whole statement. Catalog and statistics reads take no relation locks.
-TABLES_SQL = """
-WITH locked AS (
-    SELECT l.relation AS oid, bool_or(l.granted) AS granted,
-           array_agg(DISTINCT l.pid ORDER BY l.pid) AS pids
-    FROM pg_locks l
-    WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.pid IS DISTINCT FROM pg_backend_pid()
-    GROUP BY l.relation
-), rels AS (
+TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """, rels AS (
     SELECT c.oid, n.nspname, c.relname, c.reltuples, c.relpages, c.relnatts, c.reloptions, c.relispartition,
            CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END AS root
     FROM pg_class c
@@ -47,13 +40,13 @@ WITH locked AS (
 SELECT r.oid, r.nspname, r.relname, rn.nspname AS root_schema, rc.relname AS root_name,
        r.reltuples, r.relpages, r.relnatts, r.reloptions,
        lk.granted AS lock_granted, lk.pids AS lock_pids,
-       CASE WHEN lk.oid IS NULL THEN pg_relation_size(r.oid) END AS size_bytes,
+       CASE WHEN lk.relation IS NULL THEN pg_relation_size(r.oid) END AS size_bytes,
        st.n_live_tup, st.n_dead_tup, st.last_vacuum, st.last_autovacuum,
        (st.last_vacuum IS NOT NULL OR st.last_autovacuum IS NOT NULL
         OR st.last_analyze IS NOT NULL OR st.last_autoanalyze IS NOT NULL) AS stats_seen,
        co.attlen, co.attalign, co.avg_width, co.null_frac
 FROM rels r
-LEFT JOIN locked lk ON lk.oid = r.oid
+LEFT JOIN exclusive_locks lk ON lk.relation = r.oid
 LEFT JOIN pg_stat_all_tables st ON st.relid = r.oid
 LEFT JOIN cols co ON co.oid = r.oid
 LEFT JOIN pg_class rc ON rc.oid = r.root

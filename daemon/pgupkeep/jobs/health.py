@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from pgupkeep.db import EXCLUSIVE_LOCKS_CTE
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.policy import HealthSection
 from pgupkeep.results import Finding, JobOutput, Sample
@@ -64,20 +65,13 @@ ORDER BY 1, 2
 
 # Sizes only for indexes nobody holds or awaits an ACCESS EXCLUSIVE lock on (on the index or its
 # table): pg_relation_size would wait behind it. Indexes behind a constraint are never unused.
-UNUSED_INDEXES_SQL = """
-WITH locked AS (
-    SELECT DISTINCT l.relation AS oid
-    FROM pg_locks l
-    WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.pid IS DISTINCT FROM pg_backend_pid()
-), sized AS (
+UNUSED_INDEXES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """, sized AS (
     SELECT s.schemaname, s.indexrelname, s.relname,
-           CASE WHEN li.oid IS NULL AND lt.oid IS NULL THEN pg_relation_size(s.indexrelid) END AS size_bytes
+           CASE WHEN li.relation IS NULL AND lt.relation IS NULL THEN pg_relation_size(s.indexrelid) END AS size_bytes
     FROM pg_stat_user_indexes s
     JOIN pg_index x ON x.indexrelid = s.indexrelid
-    LEFT JOIN locked li ON li.oid = s.indexrelid
-    LEFT JOIN locked lt ON lt.oid = s.relid
+    LEFT JOIN exclusive_locks li ON li.relation = s.indexrelid
+    LEFT JOIN exclusive_locks lt ON lt.relation = s.relid
     WHERE s.idx_scan = 0 AND x.indisvalid AND NOT x.indisunique AND NOT x.indisprimary
       AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = s.indexrelid)
 )

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.jobs import partitions_plan as plan
 from pgupkeep.jobs.partitions_locks import Lock, read_failure
 from pgupkeep.jobs.partitions_plan import Partition, Slot
@@ -27,16 +28,7 @@ from pgupkeep.units import QualifiedName
 # only call here that locks a relation, so it is skipped (NULL: count it, or skip the table) where
 # pg_locks shows an ACCESS EXCLUSIVE lock held or queued: it would wait lock_timeout and fail the
 # whole statement, every table's read with it. Catalog reads take no relation locks.
-CATALOG_SQL = r"""
-WITH locks AS (
-  SELECT l.relation, bool_or(l.granted) AS granted,
-         array_remove(array_agg(DISTINCT l.pid ORDER BY l.pid), NULL) AS pids
-  FROM pg_locks l
-  WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    AND l.pid IS DISTINCT FROM pg_backend_pid()
-  GROUP BY l.relation
-), managed AS (
+CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", managed AS (
   SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
          a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
          EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid) AS referenced
@@ -83,9 +75,9 @@ SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstra
             WHEN p.key_type = 'date' THEN (extract(epoch FROM x.hi::date) * 1000000)::bigint
             WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.hi::bigint END AS hi
 FROM managed mg
-LEFT JOIN locks ml ON ml.relation = mg.parent_oid
+LEFT JOIN exclusive_locks ml ON ml.relation = mg.parent_oid
 LEFT JOIN bounds p ON p.ord = mg.ord
-LEFT JOIN locks pl ON pl.relation = p.part_oid
+LEFT JOIN exclusive_locks pl ON pl.relation = p.part_oid
 LEFT JOIN LATERAL (SELECT p.lo_raw AS lo, p.hi_raw AS hi) x ON true
 ORDER BY mg.ord
 """
@@ -103,7 +95,6 @@ PROBE_CHUNK = 100
 # Errors that belong to one table's read (a lock that outlasted lock_timeout, a missing grant):
 # the chunk is read again table by table, so only that table fails.
 ITEM_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege)
-CATALOG_ATTEMPTS = 3
 @dataclass
 class Table:
     """One managed table: its policy, what the catalog says, and what this run plans for it."""
@@ -144,15 +135,7 @@ class Table:
 
 def _catalog_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[tuple[Any, ...]]:
     params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables]}
-    for attempt in range(1, CATALOG_ATTEMPTS + 1):
-        try:
-            return conn.execute(CATALOG_SQL, params).fetchall()
-        except psycopg.errors.LockNotAvailable:
-            # An ACCESS EXCLUSIVE lock taken between reading pg_locks and sizing a default
-            # partition in the same statement: read again, now seeing that lock.
-            if attempt == CATALOG_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
+    return read_past_exclusive_locks(lambda: conn.execute(CATALOG_SQL, params).fetchall())
 
 
 def read_catalog(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[Table]:
