@@ -100,7 +100,8 @@ def start(config: Path, log: Path) -> tuple[subprocess.Popen, float]:
         except OSError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"daemon exited with {proc.returncode}: see {log}")
+            tail = "\n".join(log.read_text().splitlines()[-20:])
+            raise SystemExit(f"daemon exited with {proc.returncode}:\n{tail}")
         time.sleep(0.005)
 
 
