@@ -28,10 +28,14 @@ from pgupkeep.units import QualifiedName
 # only call here that locks a relation, so it is skipped (NULL: count it, or skip the table) where
 # pg_locks shows an ACCESS EXCLUSIVE lock held or queued: it would wait lock_timeout and fail the
 # whole statement, every table's read with it. Catalog reads take no relation locks.
-CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", managed AS (
+CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
+  -- Once for all tables: a correlated EXISTS per table made the planner's estimate large
+  -- enough to switch on JIT compilation, which then cost more than the whole read.
+  SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f'
+), managed AS (
   SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
          a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
-         EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid) AS referenced
+         fk.confrelid IS NOT NULL AS referenced
   FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS m(nsp, rel, ord)
   LEFT JOIN pg_namespace n ON n.nspname = m.nsp
   LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = m.rel
@@ -39,6 +43,7 @@ CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", managed AS (
   LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = pt.partattrs[0] AND pt.partattrs[0] > 0
   LEFT JOIN pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
+  LEFT JOIN referenced fk ON fk.confrelid = c.oid
 ), parts AS MATERIALIZED (
   SELECT mg.ord, pc.oid AS part_oid, pn.nspname AS part_schema, pc.relname AS part_name,
          i.inhdetachpending AS pending, pc.oid = mg.partdefid AS is_default, pc.relpartbound, mg.key_type
