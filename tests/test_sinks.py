@@ -178,3 +178,16 @@ def test_a_replica_that_lost_the_lease_drops_its_job_gauges():
     m.record(result(job="health", outcome="skipped", reason="not_leader", target_up=True, leader=False))
     assert value(m, "pgupkeep_database_size_bytes", target="shop") is None
     assert value(m, "pgupkeep_target_leader", target="shop") == 0
+
+
+def test_scrapes_are_served_from_a_rendering_made_when_something_changed():
+    m = Metrics()
+    text, content_type = m.render("")
+    again, _ = m.render("")
+    assert again is text and content_type.startswith("text/plain")
+    om, om_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert om_type.startswith("application/openmetrics-text") and om.endswith(b"# EOF\n")
+    m.record(result(job="health", samples=(Sample("database_size_bytes", 77),)))
+    fresh, _ = m.render("")
+    assert fresh is not text and b'pgupkeep_database_size_bytes{target="shop"} 77.0' in fresh
+    assert b'pgupkeep_database_size_bytes{target="shop"} 77.0' in m.render("application/openmetrics-text")[0]

@@ -6,9 +6,6 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
-
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -24,12 +21,11 @@ class HttpServer:
     def __init__(
         self,
         listen: str,
-        registry: CollectorRegistry,
+        render: Callable[[str], tuple[bytes, str]],
         healthy: Callable[[], tuple[bool, str]],
         ready: Callable[[], tuple[bool, str]],
     ):
         host, port = parse_listen(listen)
-        registry_ = registry
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "pgupkeep"
@@ -37,8 +33,8 @@ class HttpServer:
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                    self._send(200, encoder(registry_), content_type)
+                    body, content_type = render(self.headers.get("Accept", ""))
+                    self._send(200, body, content_type)
                 elif path in ("/healthz", "/readyz"):
                     ok, why = (healthy if path == "/healthz" else ready)()
                     self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")

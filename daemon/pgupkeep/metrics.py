@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
 
 from pgupkeep import __version__
@@ -94,20 +95,49 @@ class Metrics:
         # (target, job, item, gauge) -> label tuples set by the last result, so series a job
         # stops reporting are removed instead of lingering with stale values.
         self._series: dict[tuple[str, str, str | None, str], set[tuple[str, ...]]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # content type -> (encoder, rendered body, version it shows). A scrape serves these
+        # bytes; they are rendered again only when something changed, by whoever changed it.
+        self._pages: dict[str, tuple[object, bytes, int]] = {}
+        self._version = 0
+
+    # ------------------------------------------------------------------ exposition
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body for an Accept header, from cache unless something changed."""
+        encoder, content_type = choose_encoder(accept)
+        with self._lock:
+            page = self._pages.get(content_type)
+            if page is None or page[2] != self._version:
+                page = (encoder, encoder(self.registry), self._version)
+                self._pages[content_type] = page
+            return page[1], content_type
+
+    def _changed(self) -> None:
+        # Called with the lock held: bump the version and re-render the formats scrapers use,
+        # so the cost of rendering falls on the (rare) writer, never on a scrape.
+        self._version += 1
+        for content_type, (encoder, _, _) in list(self._pages.items()):
+            self._pages[content_type] = (encoder, encoder(self.registry), self._version)  # type: ignore[operator]
 
     # ------------------------------------------------------------------ daemon-level
 
     def policy_loaded(self, ok: bool, when: float | None = None) -> None:
-        self.reload_ok.set(1 if ok else 0)
-        self.reload_ts.set(when if when is not None else time.time())
+        with self._lock:
+            self.reload_ok.set(1 if ok else 0)
+            self.reload_ts.set(when if when is not None else time.time())
+            self._changed()
 
-    def set_leader(self, target: str, leader: bool) -> None:
-        self.target_leader.labels(target).set(1 if leader else 0)
+    def set_target_up(self, target: str, up: bool) -> None:
+        with self._lock:
+            self.target_up.labels(target).set(1 if up else 0)
+            self._changed()
 
     def overrun(self, target: str, job: str) -> None:
-        self.job_overruns.labels(target, job).inc()
-        self.job_runs.labels(target, job, "skipped").inc()
+        with self._lock:
+            self.job_overruns.labels(target, job).inc()
+            self.job_runs.labels(target, job, "skipped").inc()
+            self._changed()
 
     def forget_target(self, target: str) -> None:
         """Remove every series of a target that left the policy."""
@@ -117,6 +147,7 @@ class Metrics:
                     if labels.get("target") == target:
                         metric.remove(*labels.values())
             self._series = {k: v for k, v in self._series.items() if k[0] != target}
+            self._changed()
 
     def registry_metrics(self) -> list[MetricWrapperBase]:
         objs = [
@@ -136,6 +167,7 @@ class Metrics:
             if result.leader is not None:
                 self.target_leader.labels(t).set(1 if result.leader else 0)
             if not result.applied:  # `plan` changes nothing and counts nothing
+                self._changed()
                 return
             self.job_runs.labels(t, job, result.outcome).inc()
             if result.outcome != "skipped":
@@ -151,6 +183,7 @@ class Metrics:
                 if finding.kind == "lock_timeout":
                     self.lock_timeouts.labels(t, job).inc()
             self._set_gauges(result)
+            self._changed()
 
     def _count_action(self, t: str, kind: str, applied: bool, detail: Mapping[str, object]) -> None:
         table = str(detail.get("table", ""))

@@ -57,7 +57,7 @@ class Service:
 
     def start(self) -> None:
         self.metrics.policy_loaded(True)
-        self.http = HttpServer(self.policy.daemon.listen, self.metrics.registry, self.healthy, self.ready)
+        self.http = HttpServer(self.policy.daemon.listen, self.metrics.render, self.healthy, self.ready)
         self.http.start()
         self.scheduler.start(self.policy, heartbeat=self._heartbeat, heartbeat_every=HEARTBEAT_EVERY)
         self._ready = True
@@ -194,7 +194,7 @@ class Service:
         except KeyError:
             return
         ok, error = self.runner.probe(target)
-        self.metrics.target_up.labels(target.name).set(1 if ok else 0)
+        self.metrics.set_target_up(target.name, ok)
         if not ok:
             self.log.warning("target_unreachable", target=target.name, error=error)
 
