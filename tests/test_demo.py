@@ -28,7 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgupkeep.cli import build_parser
-from pgupkeep.demo import DataDir, DemoError, choose_listen, find_config, month_start
+from pgupkeep.demo import DataDir, DemoError, choose_listen, find_config
+from pgupkeep.demo_seed import month_start
 from pgupkeep.pgserver import candidate_bindirs, free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -156,7 +156,7 @@ class LocalServer:
         return self
 
     def start(self) -> LocalServer:
-        if self.datadir is None:
+        if not self.version:  # not initialised yet: pick the user, make or adopt the data dir
             self.init()
         assert self.datadir is not None
         if not self.port:

@@ -45,6 +45,10 @@ class Service:
         self.reload_event = threading.Event()
         self._beat = 0.0
         self._ready = False
+        # Runs that have fired and not returned, counted from the first line of `_run_job` (the
+        # runner only counts a run once its session is open): shutdown waits for all of them.
+        self._active = 0
+        self._active_lock = threading.Lock()
         self._fingerprint = _fingerprint(self.path)
         self.leases = db.Leases(max_leases=policy.daemon.max_leases)
         self.runner = Runner(policy, sinks=[log_result, self.metrics.record], leases=self.leases)
@@ -136,13 +140,13 @@ class Service:
         self._ready = False
         self.scheduler.pause()
         deadline = time.monotonic() + grace
-        while self.runner.inflight() and time.monotonic() < deadline:
+        while self.active() and time.monotonic() < deadline:
             time.sleep(0.05)
         cancelled = 0
-        if self.runner.inflight():
+        if self.active():
             cancelled = self.runner.cancel_all()
             unwind = time.monotonic() + 5
-            while self.runner.inflight() and time.monotonic() < unwind:
+            while self.active() and time.monotonic() < unwind:
                 time.sleep(0.05)
         self.scheduler.shutdown()
         self.leases.release_all()
@@ -170,13 +174,22 @@ class Service:
     def _heartbeat(self) -> None:
         self._beat = time.monotonic()
 
+    def active(self) -> int:
+        with self._active_lock:
+            return self._active
+
     def _run_job(self, target: str, job: str, items: tuple[str, ...] | None) -> JobResult | None:
-        if self.stop_event.is_set():
-            return None
+        with self._active_lock:
+            if self.stop_event.is_set():
+                return None
+            self._active += 1
         try:
             return self.runner.run(target, job, items)
         except KeyError:  # the target or job left the policy between scheduling and running
             return None
+        finally:
+            with self._active_lock:
+                self._active -= 1
 
     def _overrun(self, target: str, job: str) -> None:
         self.metrics.overrun(target, job)
