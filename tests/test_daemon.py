@@ -367,3 +367,30 @@ def test_sigterm_lets_a_short_job_finish_within_the_grace(fresh_database: str, t
     assert d.find("daemon_stopped")[0]["cancelled_jobs"] == 0
     with psycopg.connect(fresh_database) as c:
         assert c.execute("SELECT x FROM slow_mv").fetchall() == [(1,)]
+
+
+def test_a_run_still_going_when_the_next_is_due_is_skipped_and_counted_never_queued(
+    fresh_database: str, tmp_path: Path
+) -> None:
+    # A 4 s refresh on an `every 1s` schedule: the runs due meanwhile are skipped, not stacked up.
+    _slow_view(fresh_database, 4)
+    config = write_policy(tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views(4)}])
+    with Daemon(config) as d:
+        d.start()
+        skipped = d.wait_event("job_skipped", timeout=30, target="t", job="materialized_views")
+        assert skipped["reason"] == "overrun"
+        d.wait_event("job_finished", timeout=30, target="t", job="materialized_views", outcome="success")
+        wait_until(
+            lambda: (d.value("pgupkeep_job_skipped_overrun_total", target="t", job="materialized_views") or 0) >= 2,
+            30,
+            "overruns to be counted",
+        )
+        assert (d.value("pgupkeep_job_runs_total", target="t", job="materialized_views", outcome="skipped") or 0) >= 2
+        # Never two refreshes of the view at once, and no backlog replayed after the slow one.
+        with psycopg.connect(fresh_database, autocommit=True) as c:
+            running = c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgupkeep' "
+                "AND query ILIKE 'REFRESH MATERIALIZED VIEW%%' AND state = 'active'"
+            ).fetchone()[0]
+        assert running <= 1
+        assert d.stop() == 0
