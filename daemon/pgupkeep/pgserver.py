@@ -134,7 +134,8 @@ class LocalServer:
             raise ServerError(f"{Path(args[0]).name} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
         return proc
 
-    def init(self) -> LocalServer:
+    def init(self, primary_dsn: str | None = None) -> LocalServer:
+        """Make (or adopt) the data directory; with `primary_dsn`, as a streaming standby of it."""
         self._user = _run_as()
         self.bindir = _shareable_bindir(self.bindir, self._user)
         if self.datadir is None:
@@ -143,7 +144,9 @@ class LocalServer:
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         if self._user is not None:
             os.chown(self.datadir.parent, self._user.pw_uid, self._user.pw_gid)
-        if not (self.datadir / "PG_VERSION").exists():
+        if not (self.datadir / "PG_VERSION").exists() and primary_dsn:
+            self._cmd(str(self.bindir / "pg_basebackup"), "-D", str(self.datadir), "-d", primary_dsn, "-R", "-X", "stream", "-c", "fast")
+        elif not (self.datadir / "PG_VERSION").exists():
             self._cmd(
                 str(self.bindir / "initdb"),
                 "-D", str(self.datadir),
