@@ -44,25 +44,23 @@ CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
   LEFT JOIN pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
   LEFT JOIN referenced fk ON fk.confrelid = c.oid
-), parts AS MATERIALIZED (
-  SELECT mg.ord, pc.oid AS part_oid, pn.nspname AS part_schema, pc.relname AS part_name,
-         i.inhdetachpending AS pending, pc.oid = mg.partdefid AS is_default, pc.relpartbound, mg.key_type
-  FROM managed mg
-  JOIN pg_inherits i ON i.inhparent = mg.parent_oid
-  JOIN pg_class pc ON pc.oid = i.inhrelid
-  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-  WHERE mg.partstrat = 'r' AND mg.partnatts = 1 AND mg.key_type IS NOT NULL
 ), bounds AS MATERIALIZED (
-  -- Deparsed once per managed partition (both CTEs are materialized so the planner can neither
-  -- push pg_get_expr into a pg_class scan nor repeat it for each use of the bound below).
-  SELECT pp.ord, pp.part_schema, pp.part_name, pp.pending, pp.is_default, pp.part_oid, pp.key_type,
+  -- Deparsed once per managed partition: the CTE is materialized so the planner can neither push
+  -- pg_get_expr into a pg_class scan nor repeat it for each use of the bound below, and it keeps
+  -- only the bound's text (carrying relpartbound itself spilled megabytes to temp files).
+  SELECT mg.ord, pn.nspname AS part_schema, pc.relname AS part_name, i.inhdetachpending AS pending,
+         pc.oid = mg.partdefid AS is_default, pc.oid AS part_oid, mg.key_type,
          CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN btrim(substr(b.e, 18, strpos(b.e, ') TO (') - 18), '''') END AS lo_raw,
          CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN
            btrim(substr(b.e, strpos(b.e, ') TO (') + 6, length(b.e) - strpos(b.e, ') TO (') - 6), '''') END AS hi_raw
-  FROM parts pp,
+  FROM managed mg
+  JOIN pg_inherits i ON i.inhparent = mg.parent_oid
+  JOIN pg_class pc ON pc.oid = i.inhrelid
+  JOIN pg_namespace pn ON pn.oid = pc.relnamespace,
   -- No regular expression (a backtracking match costs more than all the rest), and OFFSET 0 keeps
   -- the deparsed text from being recomputed for each of its uses.
-  LATERAL (SELECT pg_get_expr(pp.relpartbound, 0) AS e OFFSET 0) b
+  LATERAL (SELECT pg_get_expr(pc.relpartbound, 0) AS e OFFSET 0) b
+  WHERE mg.partstrat = 'r' AND mg.partnatts = 1 AND mg.key_type IS NOT NULL
 )
 SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstrat::text, mg.partnatts,
        mg.key_name, mg.key_type, mg.tablespace, mg.referenced, ml.granted, ml.pids,
