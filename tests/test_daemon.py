@@ -286,7 +286,8 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(database: str, tmp_path: 
         assert failed["level"] == "error" and failed["reason"] == "sighup"
         assert any("p.yaml:" in p and "targets[0].health.schedule" in p for p in failed["problems"]), failed
         assert any("targets[0].bogus: unknown key" in p for p in failed["problems"]), failed
-        assert d.value("pgupkeep_policy_last_reload_successful") == 0
+        # /metrics is rendered at most about a second after a change.
+        wait_until(lambda: d.value("pgupkeep_policy_last_reload_successful") == 0, 10, "the reload metric to drop")
         # The old policy keeps running.
         d.wait_event("job_finished", after=d.mark(), target="one", outcome="success")
         assert d.get("/readyz")[0] == 200
@@ -296,7 +297,7 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(database: str, tmp_path: 
         d.send(signal.SIGHUP)
         loaded = d.wait_event("policy_loaded", after=mark, reason="sighup")
         assert (loaded["targets"], loaded["jobs"]) == (1, 1)
-        assert d.value("pgupkeep_policy_last_reload_successful") == 1
+        wait_until(lambda: d.value("pgupkeep_policy_last_reload_successful") == 1, 10, "the reload metric to rise")
         d.wait_event("job_finished", after=mark, target="two", outcome="success")
         # The target that left the policy leaves the metrics too.
         wait_until(lambda: d.value("pgupkeep_target_up", target="one") is None, 10, "target one's series to go")

@@ -48,7 +48,7 @@ def test_server_stopped_and_restarted_under_the_running_daemon(private_server: L
     with Daemon(config) as d:
         d.start()
         d.wait_event("job_finished", target="db", outcome="success")
-        assert d.value("pgupkeep_target_up", target="db") == 1
+        wait_until(lambda: d.value("pgupkeep_target_up", target="db") == 1, 10, "target_up 1")
         pid = d.proc.pid
 
         private_server.stop()
@@ -63,7 +63,7 @@ def test_server_stopped_and_restarted_under_the_running_daemon(private_server: L
         mark = d.mark()
         wait_until(lambda: d.value("pgupkeep_target_up", target="db") == 1, 30, "target_up 1 again")
         d.wait_event("job_finished", after=mark, target="db", outcome="success")
-        assert d.value("pgupkeep_target_leader", target="db") == 1
+        wait_until(lambda: d.value("pgupkeep_target_leader", target="db") == 1, 10, "the lease again")
         assert d.proc.pid == pid and d.running
         # The dead lease session was replaced, not piled up: one lease, at most one job session.
         assert 1 <= len(_pgupkeep_sessions(dsn)) <= 2
@@ -185,14 +185,14 @@ def test_policy_file_replaced_by_garbage_mid_run(database: str, tmp_path: Path) 
             config.write_bytes(garbage)
             failed = d.wait_event("policy_reload_failed", after=mark, reason="file_changed")
             assert failed["problems"] and all(p.startswith(str(config)) or "p.yaml" in p for p in failed["problems"]), failed
-            assert d.value("pgupkeep_policy_last_reload_successful") == 0
+            wait_until(lambda: d.value("pgupkeep_policy_last_reload_successful") == 0, 10, "the reload metric at 0")
             d.wait_event("job_finished", after=d.mark(), target="t", outcome="success")
         assert d.running and d.get("/healthz")[0] == 200
 
         mark = d.mark()
         config.write_text(good)
         d.wait_event("policy_loaded", after=mark, reason="file_changed")
-        assert d.value("pgupkeep_policy_last_reload_successful") == 1
+        wait_until(lambda: d.value("pgupkeep_policy_last_reload_successful") == 1, 10, "the reload metric at 1")
         assert d.stop() == 0
 
 

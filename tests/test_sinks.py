@@ -181,13 +181,21 @@ def test_a_replica_that_lost_the_lease_drops_its_job_gauges():
 
 
 def test_scrapes_are_served_from_a_rendering_made_when_something_changed():
-    m = Metrics()
+    import time
+
+    m = Metrics(render_every=0.05)
     text, content_type = m.render("")
     again, _ = m.render("")
     assert again is text and content_type.startswith("text/plain")
     om, om_type = m.render("application/openmetrics-text; version=1.0.0")
     assert om_type.startswith("application/openmetrics-text") and om.endswith(b"# EOF\n")
     m.record(result(job="health", samples=(Sample("database_size_bytes", 77),)))
-    fresh, _ = m.render("")
-    assert fresh is not text and b'pgupkeep_database_size_bytes{target="shop"} 77.0' in fresh
-    assert b'pgupkeep_database_size_bytes{target="shop"} 77.0' in m.render("application/openmetrics-text")[0]
+    line = b'pgupkeep_database_size_bytes{target="shop"} 77.0'
+    deadline = time.monotonic() + 5
+    while line not in m.render("")[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert line in m.render("")[0]
+    assert line in m.render("application/openmetrics-text")[0]
+    # Nothing changed since: the same bytes, not a new rendering.
+    time.sleep(0.2)
+    assert m.render("")[0] is m.render("")[0]

@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
@@ -50,7 +51,7 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
 class Metrics:
     """The metric objects, in a registry of their own (a fresh one per test)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, render_every: float = 1.0):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         p = "pgupkeep_"
@@ -96,29 +97,44 @@ class Metrics:
         # stops reporting are removed instead of lingering with stale values.
         self._series: dict[tuple[str, str, str | None, str], set[tuple[str, ...]]] = {}
         self._lock = threading.RLock()
-        # content type -> (encoder, rendered body, version it shows). A scrape serves these
-        # bytes; they are rendered again only when something changed, by whoever changed it.
-        self._pages: dict[str, tuple[object, bytes, int]] = {}
-        self._version = 0
+        # content type -> (encoder, rendered body). A scrape sends these bytes and never renders
+        # (but for the first scrape of a format); a background thread renders again after a
+        # change, at most once every `render_every` seconds and never more than ~2 % of a core.
+        self._pages: dict[str, tuple[Any, bytes]] = {}
+        self._dirty = threading.Event()
+        self._renderer: threading.Thread | None = None
+        self.render_every = render_every
 
     # ------------------------------------------------------------------ exposition
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The exposition body for an Accept header, from cache unless something changed."""
+        """The exposition body for an Accept header: the latest rendering, at most about
+        `render_every` seconds behind the values."""
         encoder, content_type = choose_encoder(accept)
         with self._lock:
             page = self._pages.get(content_type)
-            if page is None or page[2] != self._version:
-                page = (encoder, encoder(self.registry), self._version)
+            if page is None:
+                page = (encoder, encoder(self.registry))
                 self._pages[content_type] = page
+            if self._renderer is None:
+                self._renderer = threading.Thread(target=self._render_loop, name="metrics-render", daemon=True)
+                self._renderer.start()
             return page[1], content_type
 
+    def _render_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            started = time.monotonic()
+            with self._lock:
+                for content_type, (encoder, _) in list(self._pages.items()):
+                    self._pages[content_type] = (encoder, encoder(self.registry))
+            spent = time.monotonic() - started
+            # Changes during the pause are picked up by the next rendering: coalesced, not queued.
+            time.sleep(max(self.render_every, 50 * spent))
+
     def _changed(self) -> None:
-        # Called with the lock held: bump the version and re-render the formats scrapers use,
-        # so the cost of rendering falls on the (rare) writer, never on a scrape.
-        self._version += 1
-        for content_type, (encoder, _, _) in list(self._pages.items()):
-            self._pages[content_type] = (encoder, encoder(self.registry), self._version)  # type: ignore[operator]
+        self._dirty.set()
 
     # ------------------------------------------------------------------ daemon-level
 
