@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -236,3 +237,16 @@ class Daemon:
         """The index of the next event, for `wait_event(after=...)`."""
         with self._cond:
             return len(self.events)
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a tool the test needs: absent, the test fails under CI and skips on a laptop."""
+    import shutil
+
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian: apt-get install {package})"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

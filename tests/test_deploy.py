@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import psycopg
-import pytest
 import yaml
 
+from daemon_helpers import require_binary
 from pgupkeep.metrics import METRIC_NAMES
 from pgupkeep.policy import parse_policy
 
@@ -64,13 +63,7 @@ def unknown_metrics(names: set[str]) -> set[str]:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path:
-        return path
-    message = "promtool is not installed (Debian: apt-get install prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    return require_binary("promtool", "prometheus")
 
 
 # --------------------------------------------------------------------------- Dockerfile

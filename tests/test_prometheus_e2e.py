@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,8 @@ import psycopg
 import pytest
 import yaml
 
+from daemon_helpers import require_binary
+
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "pgupkeep.json"
@@ -30,13 +31,7 @@ T = TypeVar("T")
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path:
-        return path
-    message = "the Prometheus server is not installed (Debian: apt-get install prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    return require_binary("prometheus", "prometheus")
 
 
 def free_port() -> int:
