@@ -199,3 +199,32 @@ def test_scrapes_are_served_from_a_rendering_made_when_something_changed():
     # Nothing changed since: the same bytes, not a new rendering.
     time.sleep(0.2)
     assert m.render("")[0] is m.render("")[0]
+
+
+def test_every_action_and_finding_of_the_vocabulary_has_its_log_event():
+    from pgupkeep.results import ACTIONS, FINDINGS
+
+    events = {}
+    for kind in ACTIONS:
+        with structlog.testing.capture_logs() as captured:
+            logs.log_result(result(actions=(Action(kind, "x", "SQL", True),)))
+        events[kind] = captured[0]["event"]
+    for kind in FINDINGS:
+        detail = {"conflict": True} if kind == "default_partition_rows" else {}
+        with structlog.testing.capture_logs() as captured:
+            logs.log_result(result(findings=(Finding(kind, "x", 1, "", detail),)))
+        events[kind] = captured[0]["event"]
+    # The spec's event names, for the kinds it names.
+    assert {k: events[k] for k in ("create_partition", "detach_partition", "drop_partition", "refresh_materialized_view",
+                                   "cancel_backend", "terminate_backend", "vacuum_table", "default_partition_rows",
+                                   "lock_timeout", "long_running_query", "idle_in_transaction", "bloated_table",
+                                   "invalid_index", "xid_wraparound")} == {
+        "create_partition": "partition_created", "detach_partition": "partition_retired",
+        "drop_partition": "partition_retired", "refresh_materialized_view": "matview_refreshed",
+        "cancel_backend": "backend_signalled", "terminate_backend": "backend_signalled",
+        "vacuum_table": "table_vacuumed", "default_partition_rows": "default_partition_conflict",
+        "lock_timeout": "lock_timeout", "long_running_query": "long_running_query",
+        "idle_in_transaction": "idle_in_transaction", "bloated_table": "bloated_table",
+        "invalid_index": "invalid_index", "xid_wraparound": "xid_wraparound_risk",
+    }  # fmt: skip
+    assert "job_finished" not in events.values()

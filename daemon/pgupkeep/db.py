@@ -27,17 +27,6 @@ from pgupkeep.units import QualifiedName, pg_milliseconds
 APPLICATION_NAME = "pgupkeep"
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced, for messages."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except Exception:
-        return "<unparseable dsn>"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo(**{k: str(v) for k, v in params.items()})
-
-
 def redact(text: str, dsn: str) -> str:
     """Remove the DSN's password from any text that might quote it."""
     try:

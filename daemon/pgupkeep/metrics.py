@@ -251,12 +251,6 @@ def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
     return out
 
 
-def metric_names() -> frozenset[str]:
-    """Every metric family name pgupkeep exports (counters without `_total`)."""
-    m = Metrics()
-    return frozenset(family.name for family in m.registry.collect())
-
-
 METRIC_NAMES = frozenset(
     {f"pgupkeep_{n}" for n in SAMPLE_GAUGES}
     | {

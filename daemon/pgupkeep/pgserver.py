@@ -196,10 +196,6 @@ class LocalServer:
         if self.datadir is not None and (self.datadir / "postmaster.pid").exists():
             self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop", check=False)
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
     def remove(self) -> None:
         self.stop("immediate")
         if self._tmp is not None:

@@ -40,7 +40,6 @@ class Runner:
     # can cancel all of them: jobs such as materialized_views do their work on extra sessions.
     _inflight: dict[int, list[psycopg.Connection]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
-    last_results: dict[tuple[str, str, str | None], JobResult] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ public
 
@@ -156,7 +155,6 @@ class Runner:
     # ------------------------------------------------------------------ internals
 
     def _finish(self, res: JobResult) -> JobResult:
-        self.last_results[(res.target, res.job, res.item)] = res
         for sink in self.sinks:
             try:
                 sink(res)

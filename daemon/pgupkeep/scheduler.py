@@ -123,9 +123,6 @@ class Scheduler:
                     seconds=PROBE_EVERY.total_seconds(), next_run_time=datetime.now(policy.daemon.zone),
                 )  # fmt: skip
 
-    def job_ids(self) -> list[str]:
-        return sorted(self._jobs)
-
     def pause(self) -> None:
         if self._sched is not None and self._sched.running:
             self._sched.pause()

@@ -38,7 +38,7 @@ class Schedule:
         return self.text
 
     def period(self) -> timedelta:
-        """A bound on the time between two runs, used for misfire grace and stale checks."""
+        """An upper bound on the time between two runs (a coarse one for cron schedules)."""
         if self.every is not None:
             return self.every
         if self.hour == "*":

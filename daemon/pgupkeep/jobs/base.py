@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -35,7 +35,6 @@ class JobContext:
     sleep: Callable[[float], None] = time.sleep
     connect: Callable[..., psycopg.Connection] | None = None  # another session to this target
     ddl_runner: DdlRunner | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ddl_runner is None:
@@ -89,6 +88,3 @@ class JobKind:
             schedule = section.schedule_of(view)
             groups.setdefault(str(schedule), ([], schedule))[0].append(str(view.view))
         return [(tuple(items), schedule) for items, schedule in groups.values()]
-
-def elapsed(since: float) -> timedelta:
-    return timedelta(seconds=time.monotonic() - since)
