@@ -40,6 +40,7 @@ class Runner:
     # can cancel all of them: jobs such as materialized_views do their work on extra sessions.
     _inflight: dict[int, list[psycopg.Connection]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    _memos: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (target, job) -> JobContext.memo
 
     # ------------------------------------------------------------------ public
 
@@ -95,6 +96,7 @@ class Runner:
                 items=items,
                 sleep=self.sleep,
                 connect=session,
+                memo=self._memos.setdefault((target.name, job), {}),
             )
             out = kind.run(ctx)
             self._add_lock_findings(out, ctx)

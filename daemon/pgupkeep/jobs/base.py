@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -35,6 +35,9 @@ class JobContext:
     sleep: Callable[[float], None] = time.sleep
     connect: Callable[..., psycopg.Connection] | None = None  # another session to this target
     ddl_runner: DdlRunner | None = None
+    # What this job kept from its earlier runs against this target in this process (the runner
+    # hands the same dict to each run); a cache only: every run must be right with it empty.
+    memo: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ddl_runner is None:

@@ -101,7 +101,8 @@ def default_findings(t: Table, tz: ZoneInfo) -> tuple[list[Finding], ItemError |
 def run(ctx: JobContext) -> JobOutput:
     out = JobOutput()
     tz = ctx.timezone
-    tables = read_catalog(ctx.conn, ctx.section.tables) if ctx.section.tables else []
+    known = ctx.memo.setdefault("partitions", {})
+    tables = read_catalog(ctx.conn, ctx.section.tables, known) if ctx.section.tables else []
     ok = []
     for t in tables:
         error = validate(t)

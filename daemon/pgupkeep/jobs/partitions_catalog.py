@@ -20,15 +20,24 @@ from pgupkeep.jobs.partitions_plan import Partition, Slot
 from pgupkeep.policy import PartitionTable
 from pgupkeep.units import QualifiedName
 
-# One row per (managed table, attached partition), in policy order; a table with no partitions, or
-# that is missing or not partitioned, still has one row. Bounds are cast back to the key's type in
-# the same session that printed them (so TimeZone and DateStyle round-trip) and returned as numbers.
-# pg_relation_size tells an empty default partition (0 bytes) from one that needs a count; it
-# takes and releases an ACCESS SHARE lock per default partition, so no locks pile up. It is the
-# only call here that locks a relation, so it is skipped (NULL: count it, or skip the table) where
-# pg_locks shows an ACCESS EXCLUSIVE lock held or queued: it would wait lock_timeout and fail the
-# whole statement, every table's read with it. Catalog reads take no relation locks.
-CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
+# A digest of one attached partition: its oid, name, schema, bound and pending-detach flag. Any
+# change to them (ATTACH, DETACH, RENAME, SET SCHEMA, a schema rename) changes its table's digest,
+# the XOR of its partitions' digests. The bound's stored node tree is hashed as it is, which costs a
+# tenth of deparsing it; hashing content rather than comparing row versions (xmin) holds however
+# the server updates its catalog rows.
+PART_DIGEST = """hashtextextended(pc.relpartbound::text, pc.oid::bigint)
+         # hashtextextended(pc.relname::text, pc.relnamespace::bigint)
+         # hashtextextended(pn.nspname::text, i.inhdetachpending::int)"""
+
+# One row per managed table, in policy order (a missing or unpartitioned table still has its row):
+# what the policy's checks need, the count and digest of its attached partitions, and other
+# sessions' ACCESS EXCLUSIVE locks on it and its partitions. pg_relation_size tells an empty
+# default partition (0 bytes) from one that needs a count; it takes and releases an ACCESS SHARE
+# lock, so no locks pile up. It is the only call here that locks a relation, so it is skipped
+# (NULL: count it, or skip the table) where pg_locks shows an ACCESS EXCLUSIVE lock held or
+# queued: it would wait lock_timeout and fail the whole statement, every table's read with it.
+# Catalog reads take no relation locks.
+TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
   -- Once for all tables: a correlated EXISTS per table made the planner's estimate large
   -- enough to switch on JIT compilation, which then cost more than the whole read.
   SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f'
@@ -44,45 +53,63 @@ CATALOG_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
   LEFT JOIN pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
   LEFT JOIN referenced fk ON fk.confrelid = c.oid
-), bounds AS MATERIALIZED (
-  -- Deparsed once per managed partition: the CTE is materialized so the planner can neither push
-  -- pg_get_expr into a pg_class scan nor repeat it for each use of the bound below, and it keeps
-  -- only the bound's text (carrying relpartbound itself spilled megabytes to temp files).
-  SELECT mg.ord, pn.nspname AS part_schema, pc.relname AS part_name, i.inhdetachpending AS pending,
-         pc.oid = mg.partdefid AS is_default, pc.oid AS part_oid, mg.key_type,
+)
+SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts,
+       mg.key_name, mg.key_type, mg.tablespace, mg.referenced, ml.granted, ml.pids, p.n, p.digest,
+       CASE WHEN mg.partdefid <> 0 AND dl.relation IS NULL THEN pg_relation_size(mg.partdefid) END AS default_bytes,
+       (SELECT json_agg(json_build_array(ln.nspname, lc.relname, l.granted, l.pids))
+          FROM exclusive_locks l
+          JOIN pg_inherits li ON li.inhrelid = l.relation AND li.inhparent = mg.parent_oid
+          JOIN pg_class lc ON lc.oid = l.relation
+          JOIN pg_namespace ln ON ln.oid = lc.relnamespace) AS part_locks
+FROM managed mg
+LEFT JOIN exclusive_locks ml ON ml.relation = mg.parent_oid
+LEFT JOIN exclusive_locks dl ON dl.relation = mg.partdefid
+-- Table by table, so partitions are found by index rather than by hashing all of pg_class.
+LEFT JOIN LATERAL (
+  SELECT count(*) AS n, bit_xor(""" + PART_DIGEST + """) AS digest
+  FROM pg_inherits i
+  JOIN pg_class pc ON pc.oid = i.inhrelid
+  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+  WHERE i.inhparent = mg.parent_oid
+) p ON true
+ORDER BY mg.ord
+"""
+
+# The attached partitions of the given tables with their bounds, deparsed, cast back to the key's
+# type in the same session that printed them (so TimeZone and DateStyle round-trip) and returned
+# as numbers; and each table's digest of what was read, computed as in TABLES_SQL.
+PARTS_SQL = r"""
+WITH bounds AS MATERIALIZED (
+  -- Deparsed once per partition: the CTE is materialized so the planner can neither push
+  -- pg_get_expr into a pg_class scan nor repeat it for each use of the bound below.
+  SELECT w.parent_oid, w.key_type, pn.nspname AS part_schema, pc.relname AS part_name,
+         i.inhdetachpending AS pending, pc.oid = pt.partdefid AS is_default,
+         bit_xor(""" + PART_DIGEST + r""") OVER (PARTITION BY w.parent_oid) AS digest,
          CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN btrim(substr(b.e, 18, strpos(b.e, ') TO (') - 18), '''') END AS lo_raw,
          CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN
            btrim(substr(b.e, strpos(b.e, ') TO (') + 6, length(b.e) - strpos(b.e, ') TO (') - 6), '''') END AS hi_raw
-  FROM managed mg
-  JOIN pg_inherits i ON i.inhparent = mg.parent_oid
+  FROM unnest(%(oids)s::oid[], %(key_types)s::text[]) AS w(parent_oid, key_type)
+  JOIN pg_partitioned_table pt ON pt.partrelid = w.parent_oid
+  JOIN pg_inherits i ON i.inhparent = w.parent_oid
   JOIN pg_class pc ON pc.oid = i.inhrelid
   JOIN pg_namespace pn ON pn.oid = pc.relnamespace,
   -- No regular expression (a backtracking match costs more than all the rest), and OFFSET 0 keeps
   -- the deparsed text from being recomputed for each of its uses.
   LATERAL (SELECT pg_get_expr(pc.relpartbound, 0) AS e OFFSET 0) b
-  WHERE mg.partstrat = 'r' AND mg.partnatts = 1 AND mg.key_type IS NOT NULL
 )
-SELECT mg.ord, mg.parent_oid IS NOT NULL AS found, mg.relkind::text, mg.partstrat::text, mg.partnatts,
-       mg.key_name, mg.key_type, mg.tablespace, mg.referenced, ml.granted, ml.pids,
-       p.part_schema, p.part_name, p.pending, p.is_default, pl.granted, pl.pids,
-       CASE WHEN p.is_default AND pl.relation IS NULL THEN pg_relation_size(p.part_oid) END AS default_bytes,
-       p.lo_raw, p.hi_raw,
-       CASE WHEN x.lo IS NULL OR x.lo ILIKE '%%infinity%%' OR x.lo IN ('MINVALUE', 'MAXVALUE') THEN NULL
-            WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM x.lo::timestamptz) * 1000000)::bigint
-            WHEN p.key_type = 'timestamp' THEN (extract(epoch FROM x.lo::timestamp) * 1000000)::bigint
-            WHEN p.key_type = 'date' THEN (extract(epoch FROM x.lo::date) * 1000000)::bigint
-            WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.lo::bigint END AS lo,
-       CASE WHEN x.hi IS NULL OR x.hi ILIKE '%%infinity%%' OR x.hi IN ('MINVALUE', 'MAXVALUE') THEN NULL
-            WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM x.hi::timestamptz) * 1000000)::bigint
-            WHEN p.key_type = 'timestamp' THEN (extract(epoch FROM x.hi::timestamp) * 1000000)::bigint
-            WHEN p.key_type = 'date' THEN (extract(epoch FROM x.hi::date) * 1000000)::bigint
-            WHEN p.key_type IN ('int2', 'int4', 'int8') THEN x.hi::bigint END AS hi
-FROM managed mg
-LEFT JOIN exclusive_locks ml ON ml.relation = mg.parent_oid
-LEFT JOIN bounds p ON p.ord = mg.ord
-LEFT JOIN exclusive_locks pl ON pl.relation = p.part_oid
-LEFT JOIN LATERAL (SELECT p.lo_raw AS lo, p.hi_raw AS hi) x ON true
-ORDER BY mg.ord
+SELECT p.parent_oid, p.digest, p.part_schema, p.part_name, p.pending, p.is_default, p.lo_raw, p.hi_raw,
+       CASE WHEN p.lo_raw IS NULL OR p.lo_raw ILIKE '%%infinity%%' OR p.lo_raw IN ('MINVALUE', 'MAXVALUE') THEN NULL
+            WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM p.lo_raw::timestamptz) * 1000000)::bigint
+            WHEN p.key_type = 'timestamp' THEN (extract(epoch FROM p.lo_raw::timestamp) * 1000000)::bigint
+            WHEN p.key_type = 'date' THEN (extract(epoch FROM p.lo_raw::date) * 1000000)::bigint
+            WHEN p.key_type IN ('int2', 'int4', 'int8') THEN p.lo_raw::bigint END AS lo,
+       CASE WHEN p.hi_raw IS NULL OR p.hi_raw ILIKE '%%infinity%%' OR p.hi_raw IN ('MINVALUE', 'MAXVALUE') THEN NULL
+            WHEN p.key_type = 'timestamptz' THEN (extract(epoch FROM p.hi_raw::timestamptz) * 1000000)::bigint
+            WHEN p.key_type = 'timestamp' THEN (extract(epoch FROM p.hi_raw::timestamp) * 1000000)::bigint
+            WHEN p.key_type = 'date' THEN (extract(epoch FROM p.hi_raw::date) * 1000000)::bigint
+            WHEN p.key_type IN ('int2', 'int4', 'int8') THEN p.hi_raw::bigint END AS hi
+FROM bounds p
 """
 
 NAMES_SQL = """
@@ -136,33 +163,86 @@ class Table:
         return plan.KEY_KINDS[self.key_type or ""]
 
 
-def _catalog_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[tuple[Any, ...]]:
+@dataclass(frozen=True)
+class Known:
+    """One table's attached partitions as last read, kept between runs (see read_catalog)."""
+
+    count: int
+    digest: int | None
+    key_type: str
+    parts: tuple[Partition, ...]
+    default: Partition | None
+
+
+def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[tuple[Any, ...]]:
     params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables]}
-    return read_past_exclusive_locks(lambda: conn.execute(CATALOG_SQL, params).fetchall())
+    return read_past_exclusive_locks(lambda: conn.execute(TABLES_SQL, params).fetchall())
 
 
-def read_catalog(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[Table]:
+def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[int, Known]:
+    """The partitions and bounds of the tables in `wanted` (parent oid -> key type)."""
+    rows = conn.execute(PARTS_SQL, {"oids": list(wanted), "key_types": list(wanted.values())}).fetchall()
+    parts: dict[int, list[Partition]] = {oid: [] for oid in wanted}
+    defaults: dict[int, Partition] = {}
+    digests: dict[int, int] = {}
+    for oid, digest, schema, name, pending, is_default, lo_raw, hi_raw, lo, hi in rows:
+        digests[oid] = digest
+        if is_default:
+            defaults[oid] = Partition(schema, name, -math.inf, math.inf)
+            continue
+        lo_v: plan.Bound = lo if lo is not None else (math.inf if lo_raw == "MAXVALUE" else -math.inf)
+        hi_v: plan.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
+        parts[oid].append(Partition(schema, name, lo_v, hi_v, bool(pending)))
+    return {
+        oid: Known(len(ps) + (oid in defaults), digests.get(oid), wanted[oid], tuple(ps), defaults.get(oid))
+        for oid, ps in parts.items()
+    }
+
+
+def read_catalog(
+    conn: psycopg.Connection, tables: Sequence[PartitionTable], known: dict[int, Known] | None = None
+) -> list[Table]:
+    """Every managed table as the catalog shows it now.
+
+    Deparsing bounds is most of the cost of a read, and bounds seldom change: `known` (parent oid
+    -> Known, kept by the caller between runs) holds each table's partitions as last read, and
+    only tables whose partition count or digest has changed since are read again. `known` is
+    updated in place to hold this read's tables only."""
+    known = {} if known is None else known
     out = [Table(policy=t) for t in tables]
-    for row in _catalog_rows(conn, tables):
-        (ord_, found, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
-         p_schema, p_name, pending, is_default, p_granted, p_pids, default_bytes, lo_raw, hi_raw, lo, hi) = row
+    current: dict[int, tuple[int, int | None, str]] = {}  # parent oid -> (count, digest, key type)
+    oids: list[int | None] = [None] * len(out)
+    sizes: list[int | None] = [0] * len(out)
+    for row in _table_rows(conn, tables):
+        (ord_, oid, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
+         count, digest, default_bytes, part_locks) = row
         t = out[ord_ - 1]
-        t.found, t.relkind, t.strategy, t.key_columns = found, relkind, strat, natts
+        t.found, t.relkind, t.strategy, t.key_columns = oid is not None, relkind, strat, natts
         t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
         if t_granted is not None:
             parent = f"{t.name.schema}.{t.name.name}"
             t.locks[parent] = Lock(parent, t_granted, tuple(t_pids))
-        if p_name is None:
+        for schema, name, granted, pids in part_locks or ():
+            t.locks[f"{schema}.{name}"] = Lock(f"{schema}.{name}", granted, tuple(pids))
+        if strat == "r" and natts == 1 and key_type is not None:
+            current[oid] = (count, digest, key_type)
+            oids[ord_ - 1], sizes[ord_ - 1] = oid, default_bytes
+    stale = {
+        oid: key_type
+        for oid, (count, digest, key_type) in current.items()
+        if (k := known.get(oid)) is None or (k.count, k.digest, k.key_type) != (count, digest, key_type)
+    }
+    for oid in [oid for oid in known if oid not in current]:
+        del known[oid]
+    if stale:
+        known.update(_read_partitions(conn, stale))
+    for t, oid, size in zip(out, oids, sizes, strict=True):
+        if oid is None:
             continue
-        if p_granted is not None:
-            t.locks[f"{p_schema}.{p_name}"] = Lock(f"{p_schema}.{p_name}", p_granted, tuple(p_pids))
-        if is_default:
-            t.default = Partition(p_schema, p_name, -math.inf, math.inf)
-            t.default_bytes = default_bytes
-            continue
-        lo_v: plan.Bound = lo if lo is not None else (math.inf if lo_raw == "MAXVALUE" else -math.inf)
-        hi_v: plan.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
-        t.parts.append(Partition(p_schema, p_name, lo_v, hi_v, bool(pending)))
+        k = known[oid]
+        t.parts, t.default = list(k.parts), k.default
+        if t.default is not None:
+            t.default_bytes = size
     return out
 
 
