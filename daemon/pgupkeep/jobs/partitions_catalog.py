@@ -65,38 +65,45 @@ SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts
 FROM managed mg
 LEFT JOIN exclusive_locks ml ON ml.relation = mg.parent_oid
 LEFT JOIN exclusive_locks dl ON dl.relation = mg.partdefid
--- Table by table, so partitions are found by index rather than by hashing all of pg_class.
+-- Table by table, so partitions are found by index rather than by hashing all of pg_class; not at
+-- all when nothing is known from an earlier run (every table's bounds are read then anyway).
 LEFT JOIN LATERAL (
   SELECT count(*) AS n, bit_xor(""" + PART_DIGEST + """) AS digest
   FROM pg_inherits i
   JOIN pg_class pc ON pc.oid = i.inhrelid
   JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-  WHERE i.inhparent = mg.parent_oid
+  WHERE i.inhparent = mg.parent_oid AND %(digests)s
 ) p ON true
 ORDER BY mg.ord
 """
 
 # The attached partitions of the given tables with their bounds, deparsed, cast back to the key's
 # type in the same session that printed them (so TimeZone and DateStyle round-trip) and returned
-# as numbers; and each table's digest of what was read, computed as in TABLES_SQL.
+# as numbers; and each partition's digest, computed as in TABLES_SQL.
 PARTS_SQL = r"""
 WITH bounds AS MATERIALIZED (
   -- Deparsed once per partition: the CTE is materialized so the planner can neither push
-  -- pg_get_expr into a pg_class scan nor repeat it for each use of the bound below.
-  SELECT w.parent_oid, w.key_type, pn.nspname AS part_schema, pc.relname AS part_name,
-         i.inhdetachpending AS pending, pc.oid = pt.partdefid AS is_default,
-         bit_xor(""" + PART_DIGEST + r""") OVER (PARTITION BY w.parent_oid) AS digest,
-         CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN btrim(substr(b.e, 18, strpos(b.e, ') TO (') - 18), '''') END AS lo_raw,
-         CASE WHEN left(b.e, 17) = 'FOR VALUES FROM (' THEN
-           btrim(substr(b.e, strpos(b.e, ') TO (') + 6, length(b.e) - strpos(b.e, ') TO (') - 6), '''') END AS hi_raw
-  FROM unnest(%(oids)s::oid[], %(key_types)s::text[]) AS w(parent_oid, key_type)
-  JOIN pg_partitioned_table pt ON pt.partrelid = w.parent_oid
-  JOIN pg_inherits i ON i.inhparent = w.parent_oid
-  JOIN pg_class pc ON pc.oid = i.inhrelid
-  JOIN pg_namespace pn ON pn.oid = pc.relnamespace,
-  -- No regular expression (a backtracking match costs more than all the rest), and OFFSET 0 keeps
-  -- the deparsed text from being recomputed for each of its uses.
-  LATERAL (SELECT pg_get_expr(pc.relpartbound, 0) AS e OFFSET 0) b
+  -- pg_get_expr into a pg_class scan nor repeat it for each use of the bound below. The
+  -- partitions are found table by table by index (OFFSET 0 keeps the planner from turning that
+  -- into a scan of all of pg_class).
+  SELECT w.parent_oid, w.key_type, x.*,
+         CASE WHEN left(x.e, 17) = 'FOR VALUES FROM (' THEN btrim(substr(x.e, 18, strpos(x.e, ') TO (') - 18), '''') END AS lo_raw,
+         CASE WHEN left(x.e, 17) = 'FOR VALUES FROM (' THEN
+           btrim(substr(x.e, strpos(x.e, ') TO (') + 6, length(x.e) - strpos(x.e, ') TO (') - 6), '''') END AS hi_raw
+  FROM unnest(%(oids)s::oid[], %(key_types)s::text[]) AS w(parent_oid, key_type),
+  LATERAL (
+    SELECT pn.nspname AS part_schema, pc.relname AS part_name, i.inhdetachpending AS pending,
+           pc.oid = (SELECT partdefid FROM pg_partitioned_table WHERE partrelid = w.parent_oid) AS is_default,
+           """ + PART_DIGEST + r""" AS digest,
+           -- No regular expression (a backtracking match costs more than all the rest), and
+           -- OFFSET 0 keeps the deparsed text from being recomputed for each of its uses.
+           (SELECT pg_get_expr(pc.relpartbound, 0) OFFSET 0) AS e
+    FROM pg_inherits i
+    JOIN pg_class pc ON pc.oid = i.inhrelid
+    JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+    WHERE i.inhparent = w.parent_oid
+    OFFSET 0
+  ) x
 )
 SELECT p.parent_oid, p.digest, p.part_schema, p.part_name, p.pending, p.is_default, p.lo_raw, p.hi_raw,
        CASE WHEN p.lo_raw IS NULL OR p.lo_raw ILIKE '%%infinity%%' OR p.lo_raw IN ('MINVALUE', 'MAXVALUE') THEN NULL
@@ -174,8 +181,8 @@ class Known:
     default: Partition | None
 
 
-def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable]) -> list[tuple[Any, ...]]:
-    params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables]}
+def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable], digests: bool) -> list[tuple[Any, ...]]:
+    params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables], "digests": digests}
     return read_past_exclusive_locks(lambda: conn.execute(TABLES_SQL, params).fetchall())
 
 
@@ -184,9 +191,9 @@ def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[i
     rows = conn.execute(PARTS_SQL, {"oids": list(wanted), "key_types": list(wanted.values())}).fetchall()
     parts: dict[int, list[Partition]] = {oid: [] for oid in wanted}
     defaults: dict[int, Partition] = {}
-    digests: dict[int, int] = {}
+    digests: dict[int, int] = {}  # XORed as bit_xor does in TABLES_SQL
     for oid, digest, schema, name, pending, is_default, lo_raw, hi_raw, lo, hi in rows:
-        digests[oid] = digest
+        digests[oid] = digests.get(oid, 0) ^ digest
         if is_default:
             defaults[oid] = Partition(schema, name, -math.inf, math.inf)
             continue
@@ -194,7 +201,8 @@ def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[i
         hi_v: plan.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
         parts[oid].append(Partition(schema, name, lo_v, hi_v, bool(pending)))
     return {
-        oid: Known(len(ps) + (oid in defaults), digests.get(oid), wanted[oid], tuple(ps), defaults.get(oid))
+        oid: Known(len(ps) + (oid in defaults), digests.get(oid), wanted[oid],
+                   tuple(sorted(ps, key=lambda p: (p.lo, p.hi, p.name))), defaults.get(oid))
         for oid, ps in parts.items()
     }
 
@@ -213,7 +221,7 @@ def read_catalog(
     current: dict[int, tuple[int, int | None, str]] = {}  # parent oid -> (count, digest, key type)
     oids: list[int | None] = [None] * len(out)
     sizes: list[int | None] = [0] * len(out)
-    for row in _table_rows(conn, tables):
+    for row in _table_rows(conn, tables, digests=bool(known)):
         (ord_, oid, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
          count, digest, default_bytes, part_locks) = row
         t = out[ord_ - 1]
