@@ -141,3 +141,6 @@ def test_the_runner_keeps_bounds_between_runs_of_a_target(conn: psycopg.Connecti
     assert (third.outcome, third.actions) == ("success", ())
     memo = runner._memos[("t", "partitions")]["partitions"]
     assert sorted(len(k.parts) for k in memo.values()) == [4, 4]
+    runner.forget_target("t")  # the target left the policy on a reload
+    assert runner._memos == {}
+    assert runner.run("t", "partitions").outcome == "success"

@@ -44,6 +44,11 @@ class Runner:
 
     # ------------------------------------------------------------------ public
 
+    def forget_target(self, name: str) -> None:
+        """Drop what the jobs of a target removed from the policy kept between runs."""
+        for key in [k for k in self._memos if k[0] == name]:
+            del self._memos[key]
+
     def run(
         self, target_name: str, job: str, items: tuple[str, ...] | None = None, apply: bool = True
     ) -> JobResult:

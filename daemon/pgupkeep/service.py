@@ -121,6 +121,7 @@ class Service:
             self.leases.release(name)
         for name in gone:
             self.metrics.forget_target(name)
+            self.runner.forget_target(name)
         self.policy = new
         self.runner.policy = new
         self.scheduler.apply(new)
