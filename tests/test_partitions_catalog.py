@@ -76,6 +76,15 @@ def _reattach_with_other_bounds(c: psycopg.Connection) -> None:
         c.execute("ALTER TABLE ca ATTACH PARTITION ca_11 FOR VALUES FROM ('2026-11-01+00') TO ('2026-11-15+00')")
 
 
+def _swap_names(c: psycopg.Connection) -> None:
+    # The same names, bounds and count as before: only which name goes with which bound changed.
+    # Retention would otherwise drop the partition that now carries the old name.
+    with c.transaction():
+        c.execute("ALTER TABLE ca_09 RENAME TO ca_swap")
+        c.execute("ALTER TABLE ca_11 RENAME TO ca_09")
+        c.execute("ALTER TABLE ca_swap RENAME TO ca_11")
+
+
 def _pending_detach(c: psycopg.Connection, dsn: str) -> None:
     # A concurrent detach that gives up while waiting for an older snapshot stays pending.
     with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as other:
@@ -91,6 +100,7 @@ CHANGES: dict[str, Callable[[psycopg.Connection, str], None]] = {
     "detach": lambda c, dsn: c.execute("ALTER TABLE ca DETACH PARTITION ca_09"),
     "drop": lambda c, dsn: c.execute("DROP TABLE other.ca_10"),
     "rename": lambda c, dsn: c.execute("ALTER TABLE ca_11 RENAME TO ca_november"),
+    "two partitions swap names": lambda c, dsn: _swap_names(c),
     "set schema": lambda c, dsn: c.execute("ALTER TABLE ca_09 SET SCHEMA other"),
     "schema rename": lambda c, dsn: c.execute("ALTER SCHEMA other RENAME TO archive"),  # moves ca_10 and cb_10
     "reattach with other bounds": lambda c, dsn: _reattach_with_other_bounds(c),

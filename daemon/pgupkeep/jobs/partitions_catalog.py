@@ -20,14 +20,13 @@ from pgupkeep.jobs.partitions_plan import Partition, Slot
 from pgupkeep.policy import PartitionTable
 from pgupkeep.units import QualifiedName
 
-# A digest of one attached partition: its oid, name, schema, bound and pending-detach flag. Any
-# change to them (ATTACH, DETACH, RENAME, SET SCHEMA, a schema rename) changes its table's digest,
-# the XOR of its partitions' digests. The bound's stored node tree is hashed as it is, which costs a
-# tenth of deparsing it; hashing content rather than comparing row versions (xmin) holds however
-# the server updates its catalog rows.
-PART_DIGEST = """hashtextextended(pc.relpartbound::text, pc.oid::bigint)
-         # hashtextextended(pc.relname::text, pc.relnamespace::bigint)
-         # hashtextextended(pn.nspname::text, i.inhdetachpending::int)"""
+# A digest of one attached partition: its name, schema, bound and pending-detach flag, hashed
+# together as one row and seeded with its oid, so that any change to them (ATTACH, DETACH, RENAME,
+# two partitions swapping names, SET SCHEMA, a schema rename) changes its table's digest, the XOR
+# of its partitions' digests. The bound's stored node tree is hashed as it is, which costs a tenth
+# of deparsing it; hashing content rather than comparing row versions (xmin) holds however the
+# server updates its catalog rows.
+PART_DIGEST = """hash_record_extended(ROW(pc.relname, pn.nspname, i.inhdetachpending, pc.relpartbound::text), pc.oid::bigint)"""
 
 # One row per managed table, in policy order (a missing or unpartitioned table still has its row):
 # what the policy's checks need, the count and digest of its attached partitions, and other
