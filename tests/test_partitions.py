@@ -402,6 +402,52 @@ def test_retention_plain_detach_with_default_and_drop(conn: psycopg.Connection, 
     assert [n for n, _ in bounds(conn, "rp")] == ["rp_09", "rp_10", "rp_11", "rp_12", "rp_default"]
 
 
+def _retire_with_a_reader_at_drop(database: str, name: str, leaves: bool) -> tuple[JobOutput, int]:
+    """Retention (drop) where a reader takes the first old partition right after its DETACH has
+    committed and before its DROP; with `leaves`, the reader is gone by the first retry."""
+    target = _target(database, _retention_yaml(name, "drop"))
+    with psycopg.connect(database) as holder, db.connect(target) as c:
+        execute, arrived = c.execute, []
+
+        def execute_with_reader(query, *args, **kwargs):  # noqa: ANN001, ANN202
+            text = query.as_string(c) if hasattr(query, "as_string") else str(query)
+            if text.startswith("DROP TABLE") and not arrived:  # the first DROP only
+                arrived.append(text)
+                holder.execute(f"SELECT count(*) FROM {text.removeprefix('DROP TABLE ')}")
+            return execute(query, *args, **kwargs)
+
+        c.execute = execute_with_reader  # type: ignore[method-assign]
+        ctx = JobContext(target=target, section=target.partitions, conn=c, now=NOV, timezone=ZoneInfo("UTC"),
+                         sleep=lambda s: holder.rollback() if leaves else None)
+        out = partitions.run(ctx)
+        pid = holder.info.backend_pid
+        holder.rollback()
+    return out, pid
+
+
+def test_a_drop_retried_after_its_detach_committed_resumes_at_the_drop(conn: psycopg.Connection, database: str) -> None:
+    _history(conn, "rd")
+    out, _ = _retire_with_a_reader_at_drop(database, "rd", leaves=True)
+    assert out.errors == []
+    assert actions(out) == [("drop_partition", f"public.rd_{m}", True) for m in ("min", "06", "07", "08")]
+    assert [f.kind for f in out.findings] == ["lock_timeout"]  # the DROP waited once, then went through
+    assert [n for n, _ in bounds(conn, "rd")] == ["rd_09", "rd_10", "rd_11", "rd_12"]
+    assert conn.execute("SELECT to_regclass('rd_min') IS NULL").fetchone()[0]
+
+
+def test_a_drop_that_gives_up_after_its_detach_says_to_drop_the_table_by_hand(conn: psycopg.Connection, database: str) -> None:
+    _history(conn, "re")
+    out, pid = _retire_with_a_reader_at_drop(database, "re", leaves=False)
+    assert len(out.errors) == 1
+    message = out.errors[0].message
+    assert message.startswith("public.re: public.re_min was detached but not dropped: ")
+    assert f"blocked by pids [{pid}]" in message
+    assert message.endswith('; it is now a plain table outside the partitioned table, which pgupkeep no longer '
+                            'manages: drop it by hand (DROP TABLE "public"."re_min")')
+    assert actions(out) == [("drop_partition", "public.re_min", False)]  # the table's next steps wait for the next run
+    assert conn.execute("SELECT relispartition FROM pg_class WHERE oid = 're_min'::regclass").fetchone()[0] is False
+
+
 def test_retention_finishes_a_half_done_detach(conn: psycopg.Connection, database: str) -> None:
     _history(conn, "rf")
     # A concurrent detach that gives up while waiting for an older snapshot stays pending.

@@ -232,6 +232,7 @@ class DdlRunner:
         rel_names = [sql.Identifier(*r.parts).as_string(conn) for r in relations]
         label = ", ".join(str(r) for r in relations) or "?"
         attempt = 0
+        done = 0  # outside a transaction each statement commits: a retry resumes at the one that failed
         while True:
             attempt += 1
             try:
@@ -240,12 +241,14 @@ class DdlRunner:
                         for stmt in statements:
                             conn.execute(stmt)
                 else:
-                    for stmt in statements:
+                    for stmt in statements[done:]:
                         conn.execute(stmt)
+                        done += 1
                 return
             except psycopg.errors.LockNotAvailable as exc:
                 pids = self._blockers(conn, rel_names)
-                text = statements[0].as_string(conn) if isinstance(statements[0], sql.Composable) else str(statements[0])
+                failed = statements[0 if transaction else done]
+                text = failed.as_string(conn) if isinstance(failed, sql.Composable) else str(failed)
                 self.waits.append(LockWait(label, attempt, tuple(pids), text))
                 if attempt > self.retries:
                     raise LockTimeoutError(label, attempt, pids, self.lock_timeout) from exc

@@ -21,6 +21,9 @@ from pgupkeep.results import Action
 from pgupkeep.units import QualifiedName
 
 PENDING_SQL = "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = to_regclass(%s)"
+# Detached and still there: a plain table no longer under the parent (a drop step failed after its
+# detach had committed).
+DETACHED_SQL = "SELECT NOT relispartition FROM pg_class WHERE oid = to_regclass(%s)"
 COLUMNS_SQL = """
 SELECT attname FROM pg_attribute
 WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
@@ -157,6 +160,20 @@ def _pending(conn: psycopg.Connection, part: QualifiedName) -> bool:
     return bool(row and row[0])
 
 
+def _left_detached(ctx: JobContext, t: Table, step: Step, failure: Exception) -> str | None:
+    """The message for a drop step whose DETACH committed but whose DROP failed: pgupkeep no longer
+    sees that table (it is not a partition), so the operator must drop it."""
+    if step.action.action != "drop_partition" or step.transaction:
+        return None
+    part = step.relations[-1]
+    row = ctx.conn.execute(DETACHED_SQL, (sql.Identifier(*part.parts).as_string(ctx.conn),)).fetchone()
+    if not (row and row[0]):
+        return None
+    return (f"{t.label}: {step.action.object} was detached but not dropped: {str(failure).strip()}; it is now a "
+            "plain table outside the partitioned table, which pgupkeep no longer manages: drop it by hand "
+            f"(DROP TABLE {sql.Identifier(*part.parts).as_string(ctx.conn)})")
+
+
 def apply_step(ctx: JobContext, t: Table, step: Step) -> str | None:
     """Run one step; None on success, else the operator's message."""
     try:
@@ -164,6 +181,8 @@ def apply_step(ctx: JobContext, t: Table, step: Step) -> str | None:
         return None
     except (LockTimeoutError, psycopg.Error) as exc:
         failure = exc
+    if left := _left_detached(ctx, t, step, failure):
+        return left
     if step.action.detail.get("mode") == "concurrent" and _pending(ctx.conn, step.relations[-1]):
         # The first transaction of DETACH ... CONCURRENTLY committed, the wait for older
         # snapshots gave up: the partition is pending detach; FINALIZE completes it.
@@ -173,6 +192,8 @@ def apply_step(ctx: JobContext, t: Table, step: Step) -> str | None:
             ctx.run_ddl(stmts, relations=step.relations, transaction=False)
             return None
         except (LockTimeoutError, psycopg.Error) as exc:
+            if left := _left_detached(ctx, t, step, exc):
+                return left
             return (f"{t.label}: {step.action.object} is half detached (pending); the next run finishes it "
                     f"with DETACH PARTITION ... FINALIZE: {str(exc).strip()}")
     what = step.action.action.replace("_", " ")
