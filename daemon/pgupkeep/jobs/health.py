@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from pgupkeep.db import EXCLUSIVE_LOCKS_CTE
+from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.policy import HealthSection
 from pgupkeep.results import Finding, JobOutput, Sample
@@ -104,7 +104,8 @@ def read(conn: psycopg.Connection, section: HealthSection) -> Snapshot:
         db = cur.execute(DATABASE_SQL).fetchone()
         assert db is not None
         invalid = cur.execute(INVALID_INDEXES_SQL).fetchall()
-        unused = cur.execute(UNUSED_INDEXES_SQL, {"min_size": section.unused_index_min_size}).fetchall()
+        params = {"min_size": section.unused_index_min_size}
+        unused = read_past_exclusive_locks(lambda: cur.execute(UNUSED_INDEXES_SQL, params).fetchall())
     return Snapshot(
         database=db["datname"],
         connections=conns,
