@@ -115,6 +115,27 @@ def test_overruns_and_forgotten_targets():
     assert not [k for k in samples(m) if ("target", "shop") in k[1]]
 
 
+def test_a_reload_removes_the_gauges_of_runs_it_no_longer_schedules():
+    m = Metrics()
+    mv = {"job": "materialized_views"}
+    m.record(result(**mv, item="public.a,public.b", samples=(
+        Sample("matview_last_refresh_timestamp_seconds", 10, {"view": "public.a"}),
+        Sample("matview_last_refresh_timestamp_seconds", 20, {"view": "public.b"}),
+    )))
+    m.record(result(**mv, item="public.c", samples=(Sample("matview_last_refresh_timestamp_seconds", 40, {"view": "public.c"}),)))
+    m.record(result(samples=(Sample("partition_premade", 3, {"table": "public.orders"}),)))
+    # public.b and the partitions section left the policy; public.a now has a schedule of its own:
+    # its gauge is gone until that run reports it (absent, never stale).
+    m.keep_jobs({("shop", "materialized_views", "public.a"), ("shop", "materialized_views", "public.c")})
+    last = "pgupkeep_matview_last_refresh_timestamp_seconds"
+    assert value(m, last, target="shop", view="public.b") is None
+    assert value(m, "pgupkeep_partition_premade", target="shop", table="public.orders") is None
+    assert value(m, last, target="shop", view="public.c") == 40
+    assert value(m, last, target="shop", view="public.a") is None
+    m.record(result(**mv, item="public.a", samples=(Sample("matview_last_refresh_timestamp_seconds", 30, {"view": "public.a"}),)))
+    assert value(m, last, target="shop", view="public.a") == 30
+
+
 def test_every_exported_family_is_known():
     m = Metrics()
     m.policy_loaded(True, when=5.0)

@@ -165,6 +165,19 @@ class Metrics:
             self._series = {k: v for k, v in self._series.items() if k[0] != target}
             self._changed()
 
+    def keep_jobs(self, wanted: set[tuple[str, str, str | None]]) -> None:
+        """Remove the gauges of (target, job, item) runs a reloaded policy no longer schedules (a
+        section or view removed); a series another scheduled run also reports is kept."""
+        with self._lock:
+            gone = [k for k in self._series if k[:3] not in wanted]
+            kept = {(k[3], v) for k, values in self._series.items() if k[:3] in wanted for v in values}
+            for key in gone:
+                for stale in self._series.pop(key):
+                    if (key[3], stale) not in kept:
+                        with contextlib.suppress(KeyError):
+                            self.gauges[key[3]].remove(*stale)
+            self._changed()
+
     def registry_metrics(self) -> list[MetricWrapperBase]:
         objs = [
             self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,

@@ -29,6 +29,11 @@ class PlannedJob:
     items: tuple[str, ...] | None
     schedule: Schedule
 
+    @property
+    def item(self) -> str | None:
+        """The `item` of this job's results (see Runner.run)."""
+        return ",".join(self.items) if self.items else None
+
 
 def planned_jobs(policy: Policy) -> list[PlannedJob]:
     """Every scheduler job the policy asks for, in policy order."""

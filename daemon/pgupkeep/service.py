@@ -35,6 +35,10 @@ def _fingerprint(path: Path) -> str | None:
         return None
 
 
+# daemon keys read only at start-up: a reload that changes them says so in `restart_needed_for`.
+RESTART_KEYS = ("listen", "max_parallel_jobs", "timezone", "log_format", "log_level", "misfire_grace", "jitter", "max_leases")
+
+
 class Service:
     def __init__(self, config_path: str | os.PathLike[str], policy: Policy, metrics: Metrics | None = None):
         self.path = Path(config_path)
@@ -112,7 +116,7 @@ class Service:
             return False
         old = self.policy
         restart_needed = [
-            key for key in ("listen", "max_parallel_jobs", "timezone", "log_format")
+            key for key in RESTART_KEYS
             if getattr(old.daemon, key) != getattr(new.daemon, key)
         ]  # fmt: skip
         gone = {t.name for t in old.targets} - {t.name for t in new.targets}
@@ -122,6 +126,7 @@ class Service:
         for name in gone:
             self.metrics.forget_target(name)
             self.runner.forget_target(name)
+        self.metrics.keep_jobs({(j.target, j.job, j.item) for j in planned_jobs(new)})
         self.policy = new
         self.runner.policy = new
         self.scheduler.apply(new)
