@@ -79,8 +79,25 @@ def test_config_defaults_to_the_environment_variable(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith(f"{path}: valid: 0 targets")
 
 
-def test_missing_policy_file_is_a_clear_error():
+def test_missing_policy_file_is_a_clear_error(capsys):
     assert main(["check", "--config", "/nonexistent/policy.yaml"]) == 2
+    # `check` prints its problems on stdout; the message names the missing file.
+    out = capsys.readouterr()
+    assert "/nonexistent/policy.yaml" in out.out + out.err
+    assert "cannot read the policy" in out.out
+
+
+def test_config_before_the_command_is_honoured(tmp_path, capsys):
+    # The subcommand's own --config must not reset one given before the command.
+    assert main(["--config", "/nonexistent/policy.yaml", "check"]) == 2
+    assert "/nonexistent/policy.yaml" in capsys.readouterr().out
+    path = write(tmp_path, "version: 1\n")
+    out = cli("--config", path, "check", env={"PGUPKEEP_CONFIG": ""})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith(f"{path}: valid: 0 targets")
+    # After the command, it still works, and wins over one given before.
+    assert main(["--config", path, "check", "--config", "/nonexistent/policy.yaml"]) == 2
+    assert "/nonexistent/policy.yaml" in capsys.readouterr().out
 
 
 def test_schema_prints_the_checked_in_schema(capsys):

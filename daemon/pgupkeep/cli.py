@@ -23,19 +23,25 @@ def _config_default() -> str:
     return os.environ.get("PGUPKEEP_CONFIG") or DEFAULT_CONFIG
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _add_config(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
         "--config",
-        default=None,
+        default=default,
         metavar="PATH",
         help=f"policy file (default: $PGUPKEEP_CONFIG, else {DEFAULT_CONFIG})",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --config is accepted before and after the command. The subcommands' copy has no default
+    # (SUPPRESS), so `pgupkeep --config X check` is not overwritten by the subcommand's None.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_config(common, argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="pgupkeep",
         description="PostgreSQL upkeep daemon: partitions, materialized views, long-running queries, bloat, health.",
-        parents=[common],
     )
+    _add_config(parser, None)
     parser.add_argument("--version", action="version", version=f"pgupkeep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon until SIGTERM/SIGINT")
@@ -89,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_INVALID
-    config = args.config or _config_default()
+    config = getattr(args, "config", None) or _config_default()
     try:
         if args.command == "schema":
             return cmd_schema()
@@ -103,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pgupkeep.demo import run_demo
 
             return run_demo(
-                config=args.config,
+                config=getattr(args, "config", None),
                 port=args.port,
                 metrics_port=args.metrics_port,
                 data_dir=args.data_dir,
