@@ -326,7 +326,7 @@ def _refreshing(dsn: str) -> bool:
         )
 
 
-def _views(seconds: float) -> dict:
+def _views() -> dict:
     return {
         "schedule": "every 1s",
         "views": [{"view": "public.slow_mv", "concurrently": "never", "timeout": "2m"}],
@@ -336,7 +336,7 @@ def _views(seconds: float) -> dict:
 def test_sigterm_with_a_job_in_flight_exits_0_within_the_grace(fresh_database: str, tmp_path: Path) -> None:
     _slow_view(fresh_database, 120)
     config = write_policy(
-        tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views(120)}], shutdown_grace="2s"
+        tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views()}], shutdown_grace="2s"
     )
     with Daemon(config) as d:
         d.start()
@@ -355,7 +355,7 @@ def test_sigterm_with_a_job_in_flight_exits_0_within_the_grace(fresh_database: s
 def test_sigterm_lets_a_short_job_finish_within_the_grace(fresh_database: str, tmp_path: Path) -> None:
     _slow_view(fresh_database, 3)
     config = write_policy(
-        tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views(3)}], shutdown_grace="30s"
+        tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views()}], shutdown_grace="30s"
     )
     with Daemon(config) as d:
         d.start()
@@ -375,7 +375,7 @@ def test_a_run_still_going_when_the_next_is_due_is_skipped_and_counted_never_que
 ) -> None:
     # A 4 s refresh on an `every 1s` schedule: the runs due meanwhile are skipped, not stacked up.
     _slow_view(fresh_database, 4)
-    config = write_policy(tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views(4)}])
+    config = write_policy(tmp_path / "p.yaml", [{"name": "t", "dsn": fresh_database, "materialized_views": _views()}])
     with Daemon(config) as d:
         d.start()
         skipped = d.wait_event("job_skipped", timeout=30, target="t", job="materialized_views")

@@ -5,13 +5,8 @@ shipped alert rules loaded; Prometheus' own HTTP API must show pgupkeep's series
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,7 +17,8 @@ import psycopg
 import pytest
 import yaml
 
-from daemon_helpers import require_binary
+from daemon_helpers import Daemon, require_binary, wait_until, write_policy
+from pgupkeep.pgserver import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"
@@ -32,12 +28,6 @@ T = TypeVar("T")
 
 def prometheus_binary() -> str:
     return require_binary("prometheus", "prometheus")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, str]:
@@ -50,15 +40,13 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, logs: list[Path]) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.25)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{tails}")
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, logs: list[Path], daemon: Daemon) -> T:
+    """`wait_until`, failing with the tails of the daemon's output and of `logs`."""
+    try:
+        return wait_until(probe, timeout, what, every=0.25)
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+        pytest.fail(f"{exc}\n--- pgupkeep{daemon.output()}\n{tails}")
 
 
 def api(base: str, path: str, **params: str) -> Any:
@@ -105,33 +93,28 @@ def test_prometheus_scrapes_pgupkeep_and_fires_its_alerts(database: str, tmp_pat
         conn.execute(
             "CREATE TABLE public.e2e_events (id bigint, at timestamptz NOT NULL) PARTITION BY RANGE (at)"
         )
-    app_port, prom_port = free_port(), free_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        f"""
-version: 1
-daemon:
-  listen: "127.0.0.1:{app_port}"
-  log_format: json
-  shutdown_grace: 5s
-targets:
-  - name: shop
-    dsn: "${{E2E_DSN}}"
-    partitions:
-      schedule: "every 1s"
-      tables:
-        - table: public.e2e_events
-          interval: daily
-          premake: 2
-    health:
-      schedule: "every 1s"
-  - name: gone
-    dsn: "postgresql://postgres@127.0.0.1:1/x"
-    connect_timeout: 1s
-    health:
-      schedule: "every 1s"
-"""
+    policy = write_policy(
+        tmp_path / "policy.yaml",
+        [
+            {
+                "name": "shop",
+                "dsn": "${E2E_DSN}",
+                "partitions": {
+                    "schedule": "every 1s",
+                    "tables": [{"table": "public.e2e_events", "interval": "daily", "premake": 2}],
+                },
+                "health": {"schedule": "every 1s"},
+            },
+            {
+                "name": "gone",
+                "dsn": "postgresql://postgres@127.0.0.1:1/x",
+                "connect_timeout": "1s",
+                "health": {"schedule": "every 1s"},
+            },
+        ],
     )
+    daemon = Daemon(policy, env={"E2E_DSN": database}, name="pgupkeep")
+    app_port, prom_port = daemon.port, free_port()
     rules = tmp_path / "alerts.yaml"
     rules.write_text(rules_with_for_zero())
     (tmp_path / "prometheus.yml").write_text(
@@ -149,17 +132,9 @@ targets:
             }
         )
     )
-    logs = [tmp_path / "pgupkeep.log", tmp_path / "prometheus.log"]
-    env = {**os.environ, "E2E_DSN": database}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "pgupkeep", "run", "--config", str(policy)],
-        stdout=open(logs[0], "w"),  # noqa: SIM115 - the child holds it
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    try:
-        app = f"http://127.0.0.1:{app_port}"
-        wait_for("pgupkeep /readyz", lambda: get(app + "/readyz")[0] == 200, 30, logs)
+    logs = [tmp_path / "prometheus.log"]
+    with daemon:
+        daemon.start(timeout=30)  # waits for /readyz
         started(
             "prometheus",
             [
@@ -170,7 +145,7 @@ targets:
             ],
         )
         prom = f"http://127.0.0.1:{prom_port}"
-        wait_for("Prometheus /-/ready", lambda: get(prom + "/-/ready")[0] == 200, 30, logs)
+        wait_for("Prometheus /-/ready", lambda: get(prom + "/-/ready")[0] == 200, 30, logs, daemon)
 
         # A pgupkeep series, scraped: runway of the table pgupkeep made partitions for.
         runway = wait_for(
@@ -178,6 +153,7 @@ targets:
             lambda: api(prom, "query", query='pgupkeep_partition_runway_seconds{target="shop"}')["result"],
             60,
             logs,
+            daemon,
         )
         (series,) = runway
         assert series["metric"] == {
@@ -197,7 +173,7 @@ targets:
             alerts = api(prom, "alerts")["alerts"]
             return [a for a in alerts if a["labels"]["alertname"] == "PgupkeepTargetDown" and a["state"] == "firing"]
 
-        (alert,) = wait_for("PgupkeepTargetDown firing", target_down_firing, 60, logs)
+        (alert,) = wait_for("PgupkeepTargetDown firing", target_down_firing, 60, logs, daemon)
         assert alert["labels"] == {
             "alertname": "PgupkeepTargetDown",
             "severity": "critical",
@@ -219,7 +195,7 @@ targets:
             active = {(a["labels"]["alertname"], a["labels"].get("target")) for a in api(prom, "alerts")["alerts"]}
             return active == {("PgupkeepTargetDown", "gone")}
 
-        wait_for("PgupkeepTargetDown as the only active alert", only_target_down, 15, logs)
+        wait_for("PgupkeepTargetDown as the only active alert", only_target_down, 15, logs, daemon)
 
         # Every dashboard query is valid PromQL to this Prometheus.
         dash = json.loads(DASHBOARD.read_text())
@@ -229,14 +205,9 @@ targets:
                 api(prom, "query", query=expr)
 
         # SIGTERM (what a container runtime sends PID 1): a clean stop, exit 0.
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(30) == 0
-        events = [json.loads(line)["event"] for line in logs[0].read_text().splitlines() if line.startswith("{")]
+        assert daemon.stop(timeout=30) == 0
+        events = [e["event"] for e in daemon.events]
         assert events[-1] == "daemon_stopped"
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(10)
 
 
 def test_rules_copy_differs_from_the_shipped_rules_only_in_for() -> None:
