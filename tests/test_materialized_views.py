@@ -6,7 +6,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from daemon_helpers import wait_until
 from pgupkeep import db
 from pgupkeep.jobs import materialized_views as mv
 from pgupkeep.jobs import materialized_views_plan as mvplan
@@ -57,13 +58,15 @@ def target_for(dsn: str, views: list[dict], **session: str | int) -> Target:
     return parse_policy(text, environ={"DSN": dsn}).targets[0]
 
 
-def run_job(target: Target, *, apply: bool = True, items: tuple[str, ...] | None = None) -> JobOutput:
+def run_job(target: Target, *, apply: bool = True, items: tuple[str, ...] | None = None,
+            now: datetime = NOW, memo: dict | None = None) -> JobOutput:
     with db.connect(target) as c:
         ctx = JobContext(
             target=target,
             section=target.materialized_views,
             conn=c,
-            now=NOW,
+            now=now,
+            memo={} if memo is None else memo,
             timezone=UTC,  # type: ignore[arg-type]
             apply=apply,
             items=items,
@@ -126,13 +129,6 @@ def dsn(fresh_database: str) -> Iterator[str]:
     yield fresh_database
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def refresh_running(conn: psycopg.Connection) -> bool:
     row = conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgupkeep' "
@@ -168,7 +164,7 @@ def test_readers_are_not_blocked_during_a_concurrent_refresh(dsn: str) -> None:
         worker = threading.Thread(target=lambda: result.append(run_job(target)))
         worker.start()
         try:
-            wait_for(lambda: refresh_running(c))
+            wait_until(lambda: refresh_running(c), 10, "the refresh to be running", every=0.02)
             # A reader that would give up after 200 ms of lock wait still reads the old rows.
             with psycopg.connect(dsn, autocommit=True, options="-c lock_timeout=200 -c statement_timeout=1000") as reader:
                 started = time.monotonic()
@@ -211,6 +207,30 @@ def test_required_fails_without_a_usable_unique_index(dsn: str, index: str | Non
         )
     ]
     assert (out.findings, out.samples) == ([], [])
+
+
+def test_a_failing_view_keeps_reporting_its_last_successful_refresh(dsn: str) -> None:
+    # Gauges of a run replace its previous ones: a view that fails must still report when it last
+    # refreshed, or PgupkeepMatviewStale could never fire for it.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for name in ("mv_ok", "mv_bad"):
+            c.execute(f"CREATE MATERIALIZED VIEW public.{name} AS SELECT id, v FROM public.base")
+            c.execute(f"CREATE UNIQUE INDEX {name}_id ON public.{name} (id)")
+    target = target_for(dsn, [{"view": "public.mv_ok"}, {"view": "public.mv_bad", "concurrently": "required"}])
+    memo: dict = {}
+    first = run_job(target, memo=memo)
+    last = {s.labels["view"]: s.value for s in first.samples if s.metric == "matview_last_refresh_timestamp_seconds"}
+    assert sorted(last) == ["public.mv_bad", "public.mv_ok"]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DROP INDEX public.mv_bad_id")
+    later = NOW + timedelta(hours=1)
+    second = run_job(target, memo=memo, now=later)
+    assert [e.object for e in second.errors] == ["public.mv_bad"]
+    again = {s.labels["view"]: s.value for s in second.samples if s.metric == "matview_last_refresh_timestamp_seconds"}
+    assert again["public.mv_bad"] == last["public.mv_bad"]  # the first run's, not this one's
+    assert again["public.mv_ok"] >= later.timestamp()
+    assert [s.labels["view"] for s in second.samples if s.metric == "matview_refresh_duration_seconds"] == [
+        "public.mv_ok", "public.mv_bad"]
 
 
 def test_required_fails_on_a_view_not_populated_and_says_a_plain_refresh_is_needed(dsn: str) -> None:
@@ -275,7 +295,7 @@ def test_a_refresh_overlapping_a_running_one_is_skipped(dsn: str) -> None:
         worker = threading.Thread(target=lambda: first.append(run_job(target)))
         worker.start()
         try:
-            wait_for(lambda: refresh_running(c))
+            wait_until(lambda: refresh_running(c), 10, "the refresh to be running", every=0.02)
             started = time.monotonic()
             second = run_job(target)
             assert time.monotonic() - started < 0.5  # skipped at once, not queued behind the lock

@@ -259,6 +259,9 @@ def run(ctx: JobContext) -> JobOutput:
     states, reads, maintain = read_catalog(ctx.conn, [p.view for p in section.views])
     refreshes = plan(section, states, reads, items=ctx.items, maintain=maintain)
     connect = ctx.connect or functools.partial(db.connect, ctx.target)
+    last: dict[str, tuple[float, float]] = ctx.memo.setdefault("last_refresh", {})  # view -> (finished, seconds)
+    for gone in set(last) - {str(p.view) for p in section.views}:
+        del last[gone]
     for r in refreshes:
         planned_sql = refresh_sql(r.view, r.mode).as_string(ctx.conn)
         fallback = _fallback(r.fallback_reason)
@@ -297,10 +300,16 @@ def run(ctx: JobContext) -> JobOutput:
         detail = {"mode": attempt.mode, "outcome": "success", "duration_seconds": attempt.seconds, "rows": attempt.rows}
         out.actions.append(_action(r, attempt.sql, True, {**detail, **_fallback(attempt.fallback_reason)}))
         # The refresh's end on the run's (injected) clock: ctx.now plus the time since the run began.
-        finished = ctx.now.timestamp() + (time.monotonic() - run_started)
-        labels = {"view": str(r.view)}
-        out.samples.append(Sample("matview_last_refresh_timestamp_seconds", finished, labels))
-        out.samples.append(Sample("matview_refresh_duration_seconds", attempt.seconds, labels))
+        last[str(r.view)] = (ctx.now.timestamp() + (time.monotonic() - run_started), attempt.seconds)
+    if ctx.apply:
+        # Every view of the run keeps its last successful refresh (from an earlier run in this
+        # process if this one failed or was skipped): a result's gauges replace the run's previous
+        # ones, and a failing view's age must go on growing for PgupkeepMatviewStale.
+        for r in refreshes:
+            if (view := str(r.view)) in last:
+                finished, seconds = last[view]
+                out.samples.append(Sample("matview_last_refresh_timestamp_seconds", finished, {"view": view}))
+                out.samples.append(Sample("matview_refresh_duration_seconds", seconds, {"view": view}))
     out.findings.extend(ctx.lock_findings())
     return out
 
