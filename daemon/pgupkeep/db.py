@@ -61,7 +61,6 @@ def connect(
     *,
     statement_timeout: timedelta | None = None,
     lock_timeout: timedelta | None = None,
-    purpose: str | None = None,
 ) -> psycopg.Connection:
     """Open a named, time-boxed, autocommit session to a target."""
     s = target.session
@@ -109,7 +108,7 @@ class Leases:
         connect_fn: Callable[[Target], psycopg.Connection] | None = None,
         max_leases: int | None = None,
     ):
-        self._connect = connect_fn or (lambda target: connect(target, purpose="lease"))
+        self._connect = connect_fn or connect
         self._max = max_leases
         self._conns: dict[str, psycopg.Connection] = {}
         self._locks: dict[str, threading.Lock] = {}

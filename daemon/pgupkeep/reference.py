@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pgupkeep.policy import (
+    JOB_KINDS,
     BloatSection,
     DaemonPolicy,
     HealthSection,
@@ -82,7 +83,7 @@ def markdown() -> str:
             if model is Target and name in SessionSettings.model_fields:
                 continue
             default = "required" if field.is_required() else f"`{_default(field.default)}`"
-            if model is Target and name in ("partitions", "materialized_views", "long_running_queries", "bloat", "health"):
+            if model is Target and name in JOB_KINDS:
                 default = "off"
             text = (field.description or "").replace("|", "\\|")
             out.append(f"| `{name}` | {default} | {text} |")

@@ -21,7 +21,6 @@ SCHEDULE_HELP = (
     'must be a five-field cron expression such as "15 * * * *" or "every <duration>" such as "every 30s"'
 )
 _DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-_MONTH_NAMES = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,8 @@ class Service:
             if getattr(old.daemon, key) != getattr(new.daemon, key)
         ]  # fmt: skip
         gone = {t.name for t in old.targets} - {t.name for t in new.targets}
-        changed_dsn = {t.name for t in new.targets if t.name not in gone and t.name in {o.name for o in old.targets} and old.target(t.name).dsn != t.dsn}
+        old_dsn = {t.name: t.dsn for t in old.targets}
+        changed_dsn = {t.name for t in new.targets if old_dsn.get(t.name, t.dsn) != t.dsn}
         for name in gone | changed_dsn:
             self.leases.release(name)
         for name in gone:

@@ -11,20 +11,18 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
+from pgupkeep.db import EXCLUSIVE_LOCKS_CTE
+
 if TYPE_CHECKING:
     from pgupkeep.jobs.partitions_catalog import Table
 
 # Who holds or awaits the one lock mode that blocks a read (ACCESS EXCLUSIVE), on given relations.
-LOCKS_SQL = """
-SELECT n.nspname || '.' || c.relname, bool_or(l.granted), array_remove(array_agg(DISTINCT l.pid ORDER BY l.pid), NULL)
-FROM pg_locks l
+LOCKS_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """
+SELECT n.nspname || '.' || c.relname, l.granted, l.pids
+FROM exclusive_locks l
 JOIN pg_class c ON c.oid = l.relation
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.pid IS DISTINCT FROM pg_backend_pid()
-  AND l.relation IN (SELECT to_regclass(r) FROM unnest(%s::text[]) AS r)
-GROUP BY 1
+WHERE l.relation IN (SELECT to_regclass(r) FROM unnest(%s::text[]) AS r)
 ORDER BY 1
 """
 
