@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
+from partition_helpers import leave_detach_pending
 from pgupkeep import db
 from pgupkeep.jobs import partitions
 from pgupkeep.jobs.base import JobContext
@@ -450,13 +451,7 @@ def test_a_drop_that_gives_up_after_its_detach_says_to_drop_the_table_by_hand(co
 
 def test_retention_finishes_a_half_done_detach(conn: psycopg.Connection, database: str) -> None:
     _history(conn, "rf")
-    # A concurrent detach that gives up while waiting for an older snapshot stays pending.
-    with psycopg.connect(database) as holder, psycopg.connect(database, autocommit=True) as other:
-        holder.execute("SELECT count(*) FROM rf")  # an open transaction with a snapshot
-        other.execute("SET lock_timeout = '100ms'")
-        with pytest.raises(psycopg.errors.LockNotAvailable):
-            other.execute("ALTER TABLE rf DETACH PARTITION rf_07 CONCURRENTLY")
-        holder.rollback()
+    leave_detach_pending(database, "rf", "rf_07")
     assert conn.execute("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = 'rf_07'::regclass").fetchone()[0]
     out = run_job(database, _retention_yaml("rf", "drop"), NOV)
     assert actions(out) == [("drop_partition", f"public.rf_{m}", True) for m in ("07", "min", "06", "08")]

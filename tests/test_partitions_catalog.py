@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from partition_helpers import leave_detach_pending
 from pgupkeep import db
 from pgupkeep.jobs.partitions_catalog import Known, Table, read_catalog
 from pgupkeep.policy import Target, parse_policy
@@ -85,16 +86,6 @@ def _swap_names(c: psycopg.Connection) -> None:
         c.execute("ALTER TABLE ca_swap RENAME TO ca_11")
 
 
-def _pending_detach(c: psycopg.Connection, dsn: str) -> None:
-    # A concurrent detach that gives up while waiting for an older snapshot stays pending.
-    with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as other:
-        holder.execute("SELECT count(*) FROM ca")  # an open transaction with a snapshot
-        other.execute("SET lock_timeout = '100ms'")
-        with pytest.raises(psycopg.errors.LockNotAvailable):
-            other.execute("ALTER TABLE ca DETACH PARTITION other.ca_10 CONCURRENTLY")
-        holder.rollback()
-
-
 CHANGES: dict[str, Callable[[psycopg.Connection, str], None]] = {
     "attach": lambda c, dsn: _attach(c),
     "detach": lambda c, dsn: c.execute("ALTER TABLE ca DETACH PARTITION ca_09"),
@@ -130,7 +121,7 @@ def test_a_detach_left_pending_is_read_on_the_next_run(conn: psycopg.Connection,
     target = _target(database)
     known: dict[int, Known] = {}
     before = _read(target, known)
-    _pending_detach(conn, database)
+    leave_detach_pending(database, "ca", "other.ca_10")
     after = _read(target, known)
     assert [p.pending_detach for p in after[0].parts] == [False, True, False]
     assert _shape(after) == _shape(_read(target, {}))
