@@ -26,6 +26,7 @@ from pgupkeep.jobs import bloat
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.pgserver import start_server
 from pgupkeep.policy import parse_policy
+from pgupkeep.runner import execute_job
 
 ROWS = 200_000
 PAYLOAD = "repeat(md5(g::text), 3)"  # 96 characters
@@ -104,7 +105,7 @@ def run_job_timed(dsn: str, min_size: str, budget: str) -> tuple[float, int]:
     with db.connect(target) as c:
         ctx = JobContext(target=target, section=target.bloat, conn=c, now=datetime.now(UTC), timezone=policy.daemon.zone)
         started = time.monotonic()
-        out = bloat.run(ctx)
+        out = execute_job(bloat.KIND, ctx)
         return time.monotonic() - started, len(out.findings)
 
 

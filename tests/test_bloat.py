@@ -13,7 +13,7 @@ import pytest
 from pgupkeep import db
 from pgupkeep.jobs import bloat
 from pgupkeep.jobs.base import JobContext
-from pgupkeep.jobs.bloat_estimate import (
+from pgupkeep.jobs.bloat.estimate import (
     Column,
     Settings,
     TableBloat,
@@ -24,6 +24,7 @@ from pgupkeep.jobs.bloat_estimate import (
 )
 from pgupkeep.policy import parse_policy
 from pgupkeep.results import Action, JobOutput
+from pgupkeep.runner import execute_job
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 ROWS = 20_000  # ~2.7 MB with the payload below
@@ -56,7 +57,7 @@ def run_job(dsn: str, extra: str = "exact_time_budget: 0s", *, apply: bool = Tru
             standby=standby,
             connect=lambda **kw: db.connect(target, **kw),
         )
-        return bloat.run(ctx)
+        return execute_job(bloat.KIND, ctx)
 
 
 def execute(dsn: str, *statements: str) -> None:

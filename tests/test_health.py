@@ -13,6 +13,7 @@ from pgupkeep import db
 from pgupkeep.jobs import health
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.results import JobOutput
+from pgupkeep.runner import execute_job
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 STATES = ["active", "idle", "idle_in_transaction", "idle_in_transaction_aborted", "fastpath_function_call", "disabled", "unknown"]
@@ -27,7 +28,7 @@ def run_job(dsn: str, extra: str = "") -> JobOutput:
     target = policy.targets[0]
     with db.connect(target) as c:
         ctx = JobContext(target=target, section=target.health, conn=c, now=NOW, timezone=policy.daemon.zone)
-        return health.run(ctx)
+        return execute_job(health.KIND, ctx)
 
 
 def execute(dsn: str, *statements: str) -> None:

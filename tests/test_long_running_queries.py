@@ -19,7 +19,8 @@ from pgupkeep import db
 from pgupkeep.jobs import long_running_queries as lrq
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.policy import parse_policy
-from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
+from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan, Sample
+from pgupkeep.runner import Fence, apply_plan, execute_job
 
 NOW = datetime(
     2026, 11, 25, tzinfo=UTC
@@ -204,7 +205,7 @@ def run_job(dsn: str, *, apply: bool = True, **section: str) -> tuple[JobOutput,
     """Run the job once; also return time.monotonic() when it finished (bounds every age)."""
     target, policy = target_for(dsn, **section)
     with db.connect(target) as c:
-        out = lrq.run(context(target, policy, c, apply))
+        out = execute_job(lrq.KIND, context(target, policy, c, apply))
     return out, time.monotonic()
 
 
@@ -499,17 +500,20 @@ def test_dry_run_and_plan_signal_nobody(database, app, sessions, mode):
     assert sleeper.thread.is_alive()
 
 
-def _measured(database: str, pid: int) -> tuple[lrq.Plan, lrq.Activity]:
+def _measured(database: str, pid: int) -> tuple[lrq.Judgement, lrq.Activity]:
     target, _ = target_for(database, cancel_after="200ms", terminate_after="200ms")
     with db.connect(target) as c:
-        p = lrq.plan(lrq.measure(c), target.long_running_queries)
+        p = lrq.judge(lrq.measure(c), target.long_running_queries)
     return p, next(s.activity for s in p.signals if s.activity.pid == pid)
 
 
 def _signal(database: str, signals: list[lrq.Signal]) -> JobOutput:
     target, policy = target_for(database, cancel_after="200ms", terminate_after="200ms")
     with db.connect(target) as c:
-        return lrq.signal(context(target, policy, c), signals)
+        ctx = context(target, policy, c)
+        out = JobOutput()
+        apply_plan(Plan(steps=lrq.signal_steps(ctx, signals)), out, Fence(threading.Event()))
+        return out
 
 
 def test_reused_pid_is_not_signalled(database, app, sessions):
@@ -664,7 +668,7 @@ def test_plan_thresholds_exclusions_and_order():
         activity(9, "idle", age=500.0),  # not judged, but its transaction counts
     ]
 
-    p = lrq.plan(rows, target.long_running_queries)
+    p = lrq.judge(rows, target.long_running_queries)
 
     assert [(f.kind, f.object) for f in p.findings] == [
         ("long_running_query", "pid 3"),
@@ -690,4 +694,4 @@ def test_plan_thresholds_exclusions_and_order():
 
 def test_plan_of_nothing_reports_zeroes():
     target, _ = target_for("postgresql://x@localhost/db")
-    assert lrq.plan([], target.long_running_queries) == lrq.Plan([], samples([], [], 0.0), [])
+    assert lrq.judge([], target.long_running_queries) == lrq.Judgement([], samples([], [], 0.0), [])

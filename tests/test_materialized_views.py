@@ -17,10 +17,11 @@ from psycopg.conninfo import make_conninfo
 from daemon_helpers import wait_until
 from pgupkeep import db
 from pgupkeep.jobs import materialized_views as mv
-from pgupkeep.jobs import materialized_views_plan as mvplan
 from pgupkeep.jobs.base import JobContext
+from pgupkeep.jobs.materialized_views import refreshes as mvplan
 from pgupkeep.policy import Target, ViewPolicy, parse_policy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput
+from pgupkeep.runner import execute_job
 from pgupkeep.units import QualifiedName
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
@@ -73,7 +74,7 @@ def run_job(target: Target, *, apply: bool = True, items: tuple[str, ...] | None
             sleep=lambda _s: None,
             connect=lambda **kw: db.connect(target, **kw),
         )
-        return mv.run(ctx)
+        return execute_job(mv.KIND, ctx)
 
 
 def refreshed(view: str, mode: str, rows: int | None, *, concurrent_sql: bool | None = None, **extra: object) -> Action:
@@ -523,7 +524,7 @@ def test_the_views_timeout_bounds_the_whole_refresh(dsn: str) -> None:
                     target=target, section=target.materialized_views, conn=conn, now=NOW, timezone=UTC,  # type: ignore[arg-type]
                     connect=lambda **kw: db.connect(target, **kw), sleep=time.sleep,
                 )
-                locked = mv.run(ctx)
+                locked = execute_job(mv.KIND, ctx)
             assert time.monotonic() - started < 1.5
             holder.rollback()
     assert out.actions == [failed("public.slow", "blocking")]

@@ -16,14 +16,15 @@ from pgupkeep import db
 from pgupkeep.jobs import partitions
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.jobs.partitions import plan_table
-from pgupkeep.jobs.partitions_catalog import (
+from pgupkeep.jobs.partitions.catalog import (
     assign_names,
     probe_defaults,
     read_catalog,
     read_integer_bases,
 )
 from pgupkeep.policy import Target, parse_policy
-from pgupkeep.results import Action, Finding, ItemError, JobOutput
+from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan
+from pgupkeep.runner import Fence, apply_plan, execute_job
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -41,7 +42,7 @@ def run_job(dsn: str, tables_yaml: str, now: datetime, *, apply: bool = True, ti
         ctx = JobContext(target=target, section=target.partitions, conn=c, now=now,
                          timezone=policy.daemon.zone, apply=apply, sleep=sleep,
                          connect=lambda **kw: db.connect(target, **kw))
-        return partitions.run(ctx)
+        return execute_job(partitions.KIND, ctx)
 
 
 def bounds(conn: psycopg.Connection, parent: str) -> list[tuple[str, str]]:
@@ -420,7 +421,7 @@ def _retire_with_a_reader_at_drop(database: str, name: str, leaves: bool) -> tup
         c.execute = execute_with_reader  # type: ignore[method-assign]
         ctx = JobContext(target=target, section=target.partitions, conn=c, now=NOV, timezone=ZoneInfo("UTC"),
                          sleep=lambda s: holder.rollback() if leaves else None)
-        out = partitions.run(ctx)
+        out = execute_job(partitions.KIND, ctx)
         pid = holder.info.backend_pid
         holder.rollback()
     return out, pid
@@ -668,7 +669,12 @@ def test_rows_arriving_after_the_count_fail_attach_for_that_table_only(conn: psy
         for t in tables:
             plan_table(t, NOV, ctx.timezone)
         assign_names(c, tables)
-        outs = [partitions.run_table(ctx, t) for t in tables]
+        outs = []
+        for t in tables:
+            p = Plan()
+            partitions.table_steps(ctx, t, p)
+            outs.append(JobOutput())
+            apply_plan(p, outs[-1], Fence(threading.Event()))
     assert outs[0].errors == [ItemError("public.sa", (
         'public.sa: create partition public.sa_2026_12 failed: updated partition constraint for default partition '
         '"sa_default" would be violated by some row; rows in its range reached the default partition after '

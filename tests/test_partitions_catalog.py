@@ -11,7 +11,7 @@ import pytest
 
 from partition_helpers import leave_detach_pending
 from pgupkeep import db
-from pgupkeep.jobs.partitions_catalog import Known, Table, read_catalog
+from pgupkeep.jobs.partitions.catalog import Known, Table, read_catalog
 from pgupkeep.policy import Target, parse_policy
 from pgupkeep.runner import Runner
 

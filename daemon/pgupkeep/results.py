@@ -1,16 +1,19 @@
-"""The shared vocabulary of job results: Action, Finding, Sample and JobResult.
+"""The shared vocabulary: Step, Plan, Action, Finding, Sample and JobResult.
 
-A job returns a `JobOutput`; the runner wraps it in a `JobResult` with timing and outcome, and
-every sink (log line, metrics, health, `--json`) reads that one value.
+A job plans (`Plan`: the steps it would take, what it saw); the runner applies the steps one at a
+time and wraps everything in a `JobResult` with timing and outcome, and every sink (log line,
+metrics, health, `--json`) reads that one value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Outcome = Literal["success", "failure", "skipped"]
+# cancelled: stopped at a step boundary by a shutdown or a lost lease; never an error.
+Outcome = Literal["success", "failure", "skipped", "cancelled"]
+OUTCOMES: tuple[str, ...] = ("success", "failure", "skipped", "cancelled")
 
 ACTIONS = (
     "create_partition",
@@ -109,6 +112,40 @@ class JobOutput:
         self.findings.extend(other.findings)
         self.samples.extend(other.samples)
         self.errors.extend(other.errors)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of change (create-and-attach one partition, refresh one view, signal one session,
+    vacuum one table), applied by the runner, never by the job.
+
+    `action` is what `pgupkeep plan` prints (the exact SQL, `applied=False`). `apply` runs it and
+    raises on failure; it returns None (the action happened as planned) or a JobOutput of its own
+    (its applied action with details such as rows or duration, and any findings, samples or item
+    errors). A step that fails, or returns errors, ends its `item`: the item's later steps are not
+    run (they would meet the same lock or leave a hole), the other items go on. Before each
+    `writes` step the runner checks that the run was not asked to stop and that the lease is held.
+    """
+
+    action: Action
+    apply: Callable[[], JobOutput | None]
+    item: str
+    writes: bool = True
+
+
+@dataclass
+class Plan:
+    """What a job would do now: pure given the catalog rows it read.
+
+    `settle(applied)` (optional) gives what depends on which steps were applied, such as the
+    gauges as they stand after the run; `pgupkeep plan` calls it with no step applied.
+    """
+
+    steps: list[Step] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+    settle: Callable[[Sequence[Step]], JobOutput] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Run one job: lease, session, standby check, timing, failure capture, then every sink.
+"""Run one job: lease, session, standby check, plan, then apply its steps one at a time, each
+fenced; timing, failure capture, then every sink.
 
-This is the only place a job is timed, its exceptions turned into a `failure` result and its
-result handed to the log, metrics and health sinks. A broken sink is logged, never fatal.
+This is the only place a job's steps are applied, a job is timed, its exceptions turned into a
+`failure` result and its result handed to the log, metrics and health sinks. A broken sink is
+logged, never fatal.
 """
 
 from __future__ import annotations
@@ -9,19 +11,97 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
 from pgupkeep import db
-from pgupkeep.jobs import REGISTRY, JobContext
+from pgupkeep.jobs import REGISTRY, JobContext, JobKind
 from pgupkeep.logs import get_logger
 from pgupkeep.policy import Policy, Target
-from pgupkeep.results import ItemError, JobOutput, JobResult
+from pgupkeep.results import ItemError, JobOutput, JobResult, Plan, Step
 
 Sink = Callable[[JobResult], None]
+
+
+class RunStopped(Exception):
+    """A run was asked to stop (shutdown) while it waited between attempts."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What the runner asks before each write step: stop requested? lease still ours?"""
+
+    stop: threading.Event
+    confirm: Callable[[], str | None] = lambda: None  # None: go on; else the reason to stop
+
+    def check(self) -> str | None:
+        if self.stop.is_set():
+            return "shutdown"
+        return self.confirm()
+
+
+def apply_plan(plan: Plan, out: JobOutput, fence: Fence | None) -> str | None:
+    """Apply a plan's steps into `out`; with no fence, only plan (nothing is applied).
+
+    Returns None when every step was tried, else why the run stopped at a step boundary.
+    """
+    out.findings.extend(plan.findings)
+    out.samples.extend(plan.samples)
+    out.errors.extend(plan.errors)
+    applied: list[Step] = []
+    stopped: str | None = None
+    if fence is None:
+        out.actions.extend(step.action for step in plan.steps)
+    else:
+        failed: set[str] = set()
+        for step in plan.steps:
+            if step.item in failed:
+                continue
+            if step.writes and (stopped := fence.check()) is not None:
+                break
+            try:
+                done = step.apply()
+            except Exception as exc:
+                if fence.stop.is_set():
+                    stopped = "shutdown"  # the statement in flight was cancelled by the shutdown
+                    break
+                out.actions.append(step.action)
+                out.errors.append(ItemError(step.item, step_error(step, exc)))
+                failed.add(step.item)
+                continue
+            if done is None:
+                out.actions.append(replace(step.action, applied=True))
+                applied.append(step)
+                continue
+            out.extend(done)
+            if done.errors:
+                failed.add(step.item)
+            else:
+                applied.append(step)
+    if plan.settle is not None:
+        out.extend(plan.settle(applied))
+    return stopped
+
+
+def step_error(step: Step, exc: BaseException) -> str:
+    """An item error for a step that raised: the object, what it was doing, what went wrong."""
+    text = str(exc).strip() or type(exc).__name__
+    if text.startswith(f"{step.action.object}:") or text.startswith(f"{step.item}:"):
+        return text
+    what = step.action.action.replace("_", " ")
+    return f"{step.item}: {what} {step.action.object} failed: {text}"
+
+
+def execute_job(kind: JobKind, ctx: JobContext) -> JobOutput:
+    """Plan and, when `ctx.apply`, apply a job with no lease and no shutdown (tests, benchmarks)."""
+    out = JobOutput()
+    apply_plan(kind.plan(ctx), out, Fence(threading.Event()) if ctx.apply else None)
+    if not any(f.kind == "lock_timeout" for f in out.findings):
+        out.findings.extend(ctx.lock_findings())
+    return out
 
 
 def _utcnow() -> datetime:
@@ -41,6 +121,8 @@ class Runner:
     _inflight: dict[int, list[psycopg.Connection]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _memos: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (target, job) -> JobContext.memo
+    # Set at shutdown: no run starts, and runs in flight stop before their next step.
+    stop: threading.Event = field(default_factory=threading.Event)
 
     # ------------------------------------------------------------------ public
 
@@ -64,6 +146,8 @@ class Runner:
                 duration_seconds=time.monotonic() - t0, started_at=started, item=item, applied=apply, **kw,
             )  # fmt: skip
 
+        if apply and self.stop.is_set():
+            return self._finish(result("cancelled", reason="shutdown"))
         leader: bool | None = None
         if self.leases is not None:
             try:
@@ -85,7 +169,9 @@ class Runner:
             with self._guard:
                 self._inflight.setdefault(key, []).append(extra)
             return extra
+
         ctx: JobContext | None = None
+        out = JobOutput()
         try:
             standby = db.server_is_standby(conn)
             if kind.writes and apply and standby:
@@ -99,12 +185,17 @@ class Runner:
                 apply=apply,
                 standby=standby,
                 items=items,
-                sleep=self.sleep,
+                sleep=self._sleep,
                 connect=session,
+                stopping=self.stop.is_set,
                 memo=self._memos.setdefault((target.name, job), {}),
             )
-            out = kind.run(ctx)
+            plan = kind.plan(ctx)
+            fence = Fence(self.stop, self._confirmer(target, conn, leader)) if apply else None
+            stopped = apply_plan(plan, out, fence)
             self._add_lock_findings(out, ctx)
+            if stopped is not None:
+                return self._finish(self._cancelled(result, out, stopped, leader))
             errors = tuple(out.errors)
             return self._finish(
                 result(
@@ -119,13 +210,15 @@ class Runner:
                 )
             )
         except Exception as exc:  # the runner is the one place a job's failure is captured
-            out = JobOutput()
             if ctx is not None:
                 self._add_lock_findings(out, ctx)
+            if apply and (self.stop.is_set() or isinstance(exc, RunStopped)):
+                return self._finish(self._cancelled(result, out, "shutdown", leader))
             up = not isinstance(exc, psycopg.OperationalError) or not conn.closed
             return self._finish(
-                result("failure", findings=tuple(out.findings), error=self._message(exc, target), target_up=up, leader=leader)
-            )
+                result("failure", actions=tuple(out.actions), findings=tuple(out.findings),
+                       error=self._message(exc, target), target_up=up, leader=leader)
+            )  # fmt: skip
         finally:
             with self._guard:
                 self._inflight.pop(key, None)
@@ -160,6 +253,39 @@ class Runner:
         return runs
 
     # ------------------------------------------------------------------ internals
+
+    def _sleep(self, seconds: float) -> None:
+        """A pause inside a run (lock retries, cancel grace) that a shutdown cuts short."""
+        if self.stop.wait(seconds):
+            raise RunStopped("shutdown")
+
+    def _confirmer(self, target: Target, conn: psycopg.Connection, leader: bool | None) -> Callable[[], str | None]:
+        """What a run asks before each write step: None to go on, else why it must stop there."""
+        if self.leases is None or not leader:
+            return lambda: None
+        leases = self.leases
+        fenced = False
+
+        def confirm() -> str | None:
+            nonlocal fenced
+            # The fence first: a lease confirmed before it could have passed to a new leader
+            # that has since found the fence free.
+            if not fenced:
+                if not leases.fence(target, conn):
+                    return "lease_lost" if target.name not in leases.held() else "previous_leader_running"
+                fenced = True
+            return None if leases.confirm(target) else "lease_lost"
+
+        return confirm
+
+    @staticmethod
+    def _cancelled(result: Callable[..., JobResult], out: JobOutput, reason: str, leader: bool | None) -> JobResult:
+        errors = tuple(out.errors)
+        return result(
+            "cancelled", reason=reason, actions=tuple(out.actions), findings=tuple(out.findings),
+            samples=tuple(out.samples), errors=errors, error=Runner._summary(errors), target_up=True,
+            leader=False if reason == "lease_lost" else leader,
+        )  # fmt: skip
 
     def _finish(self, res: JobResult) -> JobResult:
         for sink in self.sinks:

@@ -1,7 +1,8 @@
 """What every job receives (`JobContext`) and how a job kind is declared (`JobKind`).
 
-A job is `run(ctx) -> JobOutput`: it reads the catalog, plans, and applies the plan only when
-`ctx.apply` is true. It never times itself, catches its own failure, logs or counts metrics.
+A job is `plan(ctx) -> Plan`: it reads the catalog and says what it would do, as steps. The runner
+applies the steps one at a time; a job never times itself, catches its own failure, logs or counts
+metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from psycopg import sql
 
 from pgupkeep.db import DdlRunner
 from pgupkeep.policy import Target
-from pgupkeep.results import Finding, JobOutput
+from pgupkeep.results import Finding, Plan
 from pgupkeep.units import QualifiedName
 
 
@@ -38,6 +39,9 @@ class JobContext:
     # What this job kept from its earlier runs against this target in this process (the runner
     # hands the same dict to each run); a cache only: every run must be right with it empty.
     memo: dict[str, Any] = field(default_factory=dict)
+    # True once the run has been asked to stop (shutdown): a step whose statement was cancelled
+    # by it must not report that as its own failure.
+    stopping: Callable[[], bool] = lambda: False
 
     def __post_init__(self) -> None:
         if self.ddl_runner is None:
@@ -73,8 +77,8 @@ class JobContext:
 
 @dataclass(frozen=True)
 class JobKind:
-    name: str  # = module name = policy key = `job` label
-    run: Callable[[JobContext], JobOutput]
+    name: str  # = package name = policy key = `job` label
+    plan: Callable[[JobContext], Plan]
     writes: bool  # skipped on a standby when applying
     per_item: bool = False  # scheduled per item (materialized views: per view)
 

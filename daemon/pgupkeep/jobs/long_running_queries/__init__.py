@@ -6,6 +6,7 @@ Read-only (it only signals), so it runs on a standby too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from psycopg.rows import kwargs_row
 from pgupkeep.db import APPLICATION_NAME
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.policy import LongRunningQueriesSection
-from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
+from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan, Sample, Step
 from pgupkeep.units import format_duration
 
 QUERY_TEXT_LIMIT = 1000
@@ -140,7 +141,7 @@ class Signal:
 
 
 @dataclass
-class Plan:
+class Judgement:
     findings: list[Finding]
     samples: list[Sample]
     signals: list[Signal]
@@ -161,7 +162,7 @@ def _seconds(value: float) -> float:
     return round(value, 3)
 
 
-def plan(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Plan:
+def judge(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Judgement:
     """Findings, gauges and signals for the measured sessions (pure: rows + policy)."""
     # Ignored users and applications are left out of every figure, not only out of the findings:
     # whoever ignores pg_dump does not want its hour-long transaction in the oldest-transaction
@@ -198,7 +199,7 @@ def plan(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Plan:
     samples.append(Sample("oldest_transaction_seconds", oldest))
     # Cancels go first: a query cancelled here may make its termination unnecessary.
     signals.sort(key=lambda s: s.action != "cancel_backend")
-    return Plan(findings, samples, signals)
+    return Judgement(findings, samples, signals)
 
 
 def _finding(a: Activity, warn: timedelta) -> Finding:
@@ -266,13 +267,13 @@ def signal_sql(s: Signal, section: LongRunningQueriesSection) -> sql.Composed:
     )
 
 
-def signal(ctx: JobContext, signals: Sequence[Signal]) -> JobOutput:
-    """Send the planned signals (only when applying and not in dry_run), each re-checked in SQL."""
+def signal_steps(ctx: JobContext, signals: Sequence[Signal]) -> list[Step]:
+    """One step per planned signal, each re-checked in SQL when sent; in dry_run, steps that only
+    report what would have been sent."""
     section: LongRunningQueriesSection = ctx.section
-    send = ctx.apply and not section.dry_run
-    out = JobOutput()
     cancelled: list[Activity] = []
-    grace_done = False
+    grace = {"done": False}
+    steps = []
     for s in signals:
         a = s.activity
         text = signal_sql(s, section).as_string(ctx.conn)
@@ -286,46 +287,52 @@ def signal(ctx: JobContext, signals: Sequence[Signal]) -> JobOutput:
             "age_seconds": _seconds(a.age_seconds),
             "limit_seconds": s.limit.total_seconds(),
         }
-        if not send:
-            out.actions.append(Action(s.action, a.object, text, applied=False, detail=detail))
-            continue
-        if s.action == "terminate_backend" and cancelled and not grace_done:
-            _await_cancels(ctx, cancelled)
-            grace_done = True
-        verb = "cancel the query of" if s.action == "cancel_backend" else "terminate"
-        try:
-            row = ctx.conn.execute(text).fetchone()
-        except psycopg.errors.InsufficientPrivilege as exc:
-            role = ctx.conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
-            message = (
-                f"{a.describe()}: not allowed to {verb} it ({exc.diag.message_primary}); "
-                f"GRANT pg_signal_backend TO {sql.Identifier(role).as_string(ctx.conn)} to let pgupkeep signal "
-                "other roles' sessions, or unset cancel_after/terminate_after"
-            )
-            out.errors.append(ItemError(a.object, message))
-            detail["skipped_reason"] = "permission denied"
-            out.actions.append(Action(s.action, a.object, text, applied=False, detail=detail))
-            continue
-        except psycopg.Error as exc:
-            out.errors.append(
-                ItemError(a.object, f"{a.describe()}: could not {verb} it: {str(exc).strip()}")
-            )
-            detail["skipped_reason"] = "error"
-            out.actions.append(Action(s.action, a.object, text, applied=False, detail=detail))
-            continue
-        if row is None and a in cancelled:
-            detail["skipped_reason"] = "the query ended when it was cancelled"
-        elif row is None:
-            detail["skipped_reason"] = (
-                "the session ended or changed since it was measured (not the same pid and backend_start, "
-                "state, query or transaction, or no longer over the limit)"
-            )
-        elif not row[0]:
-            detail["skipped_reason"] = "the backend was gone when the signal was sent"
-        applied = "skipped_reason" not in detail
-        if applied and s.action == "cancel_backend":
-            cancelled.append(a)
-        out.actions.append(Action(s.action, a.object, text, applied=applied, detail=detail))
+        planned = Action(s.action, a.object, text, applied=False, detail=detail)
+        if section.dry_run:
+            steps.append(Step(planned, lambda planned=planned: JobOutput(actions=[planned]), item=a.object, writes=False))
+        else:
+            steps.append(Step(planned, functools.partial(_send, ctx, s, planned, cancelled, grace), item=a.object))
+    return steps
+
+
+def _send(ctx: JobContext, s: Signal, planned: Action, cancelled: list[Activity], grace: dict[str, bool]) -> JobOutput:
+    a, out = s.activity, JobOutput()
+    detail = dict(planned.detail)
+    if s.action == "terminate_backend" and cancelled and not grace["done"]:
+        _await_cancels(ctx, cancelled)
+        grace["done"] = True
+    verb = "cancel the query of" if s.action == "cancel_backend" else "terminate"
+    try:
+        row = ctx.conn.execute(planned.sql).fetchone()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        role = ctx.conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        message = (
+            f"{a.describe()}: not allowed to {verb} it ({exc.diag.message_primary}); "
+            f"GRANT pg_signal_backend TO {sql.Identifier(role).as_string(ctx.conn)} to let pgupkeep signal "
+            "other roles' sessions, or unset cancel_after/terminate_after"
+        )
+        out.errors.append(ItemError(a.object, message))
+        detail["skipped_reason"] = "permission denied"
+        out.actions.append(Action(s.action, a.object, planned.sql, applied=False, detail=detail))
+        return out
+    except psycopg.Error as exc:
+        out.errors.append(ItemError(a.object, f"{a.describe()}: could not {verb} it: {str(exc).strip()}"))
+        detail["skipped_reason"] = "error"
+        out.actions.append(Action(s.action, a.object, planned.sql, applied=False, detail=detail))
+        return out
+    if row is None and a in cancelled:
+        detail["skipped_reason"] = "the query ended when it was cancelled"
+    elif row is None:
+        detail["skipped_reason"] = (
+            "the session ended or changed since it was measured (not the same pid and backend_start, "
+            "state, query or transaction, or no longer over the limit)"
+        )
+    elif not row[0]:
+        detail["skipped_reason"] = "the backend was gone when the signal was sent"
+    applied = "skipped_reason" not in detail
+    if applied and s.action == "cancel_backend":
+        cancelled.append(a)
+    out.actions.append(Action(s.action, a.object, planned.sql, applied=applied, detail=detail))
     return out
 
 
@@ -339,20 +346,19 @@ def _await_cancels(ctx: JobContext, cancelled: Sequence[Activity]) -> None:
         ctx.sleep(CANCEL_GRACE_STEP_SECONDS)
 
 
-def run(ctx: JobContext) -> JobOutput:
-    p = plan(measure(ctx.conn), ctx.section)
-    out = JobOutput(findings=p.findings, samples=p.samples)
+def plan(ctx: JobContext) -> Plan:
+    j = judge(measure(ctx.conn), ctx.section)
+    errors = []
     hidden, role = ctx.conn.execute(HIDDEN_SQL).fetchone()  # type: ignore[misc]
     if hidden:
-        out.errors.append(
+        errors.append(
             ItemError(
                 "pg_stat_activity",
                 f"pg_stat_activity: {hidden} sessions of other roles are hidden from role {role}, so they "
                 f"cannot be measured; GRANT pg_read_all_stats TO {sql.Identifier(role).as_string(ctx.conn)}",
             )
         )
-    out.extend(signal(ctx, p.signals))
-    return out
+    return Plan(steps=signal_steps(ctx, j.signals), findings=j.findings, samples=j.samples, errors=errors)
 
 
-KIND = JobKind(name="long_running_queries", run=run, writes=False)
+KIND = JobKind(name="long_running_queries", plan=plan, writes=False)

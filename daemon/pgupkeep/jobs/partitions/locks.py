@@ -14,7 +14,7 @@ from psycopg import sql
 from pgupkeep.db import EXCLUSIVE_LOCKS_CTE
 
 if TYPE_CHECKING:
-    from pgupkeep.jobs.partitions_catalog import Table
+    from pgupkeep.jobs.partitions.catalog import Table
 
 # Who holds or awaits the one lock mode that blocks a read (ACCESS EXCLUSIVE), on given relations.
 LOCKS_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """

@@ -1,17 +1,19 @@
 """The `partitions` job: keep `premake` range partitions ready after the current one, retire old
 ones, and report runway, gaps, overlaps and default-partition rows. This module orchestrates; the
-catalog reads live in partitions_catalog (other sessions' locks in partitions_locks), the DDL in
-partitions_ddl, the calendar in partitions_plan.
+catalog reads live in catalog (other sessions' locks in locks), the DDL in
+ddl, the calendar in grid.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from pgupkeep.jobs import partitions_plan as plan
 from pgupkeep.jobs.base import JobContext, JobKind
-from pgupkeep.jobs.partitions_catalog import (
+from pgupkeep.jobs.partitions import grid
+from pgupkeep.jobs.partitions.catalog import (
     Table,
     assign_names,
     probe_defaults,
@@ -19,10 +21,10 @@ from pgupkeep.jobs.partitions_catalog import (
     read_integer_bases,
     validate,
 )
-from pgupkeep.jobs.partitions_ddl import apply_step, create_steps, retire_steps
-from pgupkeep.jobs.partitions_locks import lock_in_the_way
-from pgupkeep.jobs.partitions_plan import Partition
-from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
+from pgupkeep.jobs.partitions.ddl import DdlStep, apply_step, create_steps, retire_steps
+from pgupkeep.jobs.partitions.grid import Partition
+from pgupkeep.jobs.partitions.locks import lock_in_the_way
+from pgupkeep.results import Finding, ItemError, JobOutput, Plan, Sample, Step
 
 
 def plan_table(t: Table, now: datetime, tz: ZoneInfo) -> list[Finding]:
@@ -30,15 +32,15 @@ def plan_table(t: Table, now: datetime, tz: ZoneInfo) -> list[Finding]:
     p = t.policy
     if isinstance(p.interval, int):
         assert t.base is not None
-        slots = plan.integer_slots(t.base, p.interval, p.premake)
+        slots = grid.integer_slots(t.base, p.interval, p.premake)
     else:
-        slots = plan.time_slots(now, p.interval, t.kind, tz, p.premake)
-    t.slots = plan.classify(slots, t.parts)
+        slots = grid.time_slots(now, p.interval, t.kind, tz, p.premake)
+    t.slots = grid.classify(slots, t.parts)
     t.creates = [s.slot for s in t.slots if s.state == "create"]
     findings = []
-    gaps, overlaps = plan.gaps_and_overlaps(t.parts)
+    gaps, overlaps = grid.gaps_and_overlaps(t.parts)
     for a, b in gaps:
-        rng = plan.describe(a.hi, b.lo, t.kind, tz)
+        rng = grid.describe(a.hi, b.lo, t.kind, tz)
         findings.append(Finding(
             "partition_gap", t.label, None,
             f"{t.label}: no partition covers {rng} between {a.qualified} and {b.qualified}; rows there go to the "
@@ -53,7 +55,7 @@ def plan_table(t: Table, now: datetime, tz: ZoneInfo) -> list[Finding]:
         ))
     for s in t.slots:
         if s.state == "overlap":
-            rng = plan.describe(s.slot.lo, s.slot.hi, t.kind, tz)
+            rng = grid.describe(s.slot.lo, s.slot.hi, t.kind, tz)
             names = [q.qualified for q in s.overlapping]
             findings.append(Finding(
                 "partition_overlap", t.label, None,
@@ -72,7 +74,7 @@ def default_findings(t: Table, tz: ZoneInfo) -> tuple[list[Finding], ItemError |
         rows = t.conflicts.get(s.lo)
         if not rows:
             continue
-        rng = plan.describe(s.lo, s.hi, t.kind, tz)
+        rng = grid.describe(s.lo, s.hi, t.kind, tz)
         name = f"{t.name.schema}.{t.names.get(s.lo, s.suffix)}"
         message = f"{t.label}: {rows} rows in the default partition {t.default.qualified} fall in {rng}, the range of new partition {name}"
         if mode == "fail":
@@ -98,8 +100,8 @@ def default_findings(t: Table, tz: ZoneInfo) -> tuple[list[Finding], ItemError |
     return findings, error
 
 
-def run(ctx: JobContext) -> JobOutput:
-    out = JobOutput()
+def plan(ctx: JobContext) -> Plan:
+    out = Plan()
     tz = ctx.timezone
     known = ctx.memo.setdefault("partitions", {})
     tables = read_catalog(ctx.conn, ctx.section.tables, known) if ctx.section.tables else []
@@ -123,19 +125,38 @@ def run(ctx: JobContext) -> JobOutput:
     # arriving after it makes ATTACH fail for that table alone.
     probe_defaults(ctx.conn, [t for t in planned if not t.blocked and t.default is not None and t.default_bytes != 0])
     assign_names(ctx.conn, [t for t in planned if not t.blocked])
+    gauged: list[Table] = []
     for t in ok:
         if t.blocked:
             out.errors.append(ItemError(t.label, t.blocked))
             if t in planned:
-                out.samples.extend(gauges(ctx, t, t.parts, out))
+                gauged.append(t)
         else:
-            out.extend(run_table(ctx, t))
-    out.findings.extend(ctx.lock_findings())
+            table_steps(ctx, t, out)
+            gauged.append(t)
+
+    def settle(applied: Sequence[Step]) -> JobOutput:
+        done = {id(step) for step in applied}
+        result = JobOutput()
+        for t in gauged:
+            parts = list(t.parts)
+            for step in t.steps:
+                if id(step.step) not in done:
+                    continue
+                if step.made is not None:
+                    parts.append(step.made)
+                    t.default_rows -= step.action.detail.get("rows", 0)
+                else:
+                    parts = [q for q in parts if q.qualified != step.action.object]
+            result.samples.extend(gauges(ctx, t, parts, result))
+        return result
+
+    out.settle = settle
     return out
 
 
-def run_table(ctx: JobContext, t: Table) -> JobOutput:
-    out = JobOutput()
+def table_steps(ctx: JobContext, t: Table, out: Plan) -> None:
+    """The table's findings, errors and steps, in order: creates, then retirements."""
     tz, p = ctx.timezone, t.policy
     findings, error = default_findings(t, tz)
     out.findings.extend(findings)
@@ -151,45 +172,38 @@ def run_table(ctx: JobContext, t: Table) -> JobOutput:
             current_lo = t.slots[0].slot.lo
             if isinstance(p.interval, int):
                 assert t.base is not None and p.retention.integer is not None
-                cutoff: plan.Bound = t.base - p.retention.integer
+                cutoff: grid.Bound = t.base - p.retention.integer
             else:
-                cutoff = plan.time_cutoff(ctx.now, p.retention, t.kind, tz)
+                cutoff = grid.time_cutoff(ctx.now, p.retention, t.kind, tz)
             steps.extend(retire_steps(ctx, t, cutoff, current_lo))
-    parts = list(t.parts)
-    for step in steps:
-        if not ctx.apply:
-            out.actions.append(step.action)
-            continue
-        failure = apply_step(ctx, t, step)
-        if failure:
-            out.actions.append(step.action)
-            out.errors.append(ItemError(t.label, failure))
-            break  # the table's next steps would meet the same lock or leave a hole
-        out.actions.append(Action(step.action.action, step.action.object, step.action.sql, True, step.action.detail))
-        if step.made is not None:
-            parts.append(step.made)
-            t.default_rows -= step.action.detail.get("rows", 0)
-        else:
-            parts = [q for q in parts if q.qualified != step.action.object]
-    out.samples.extend(gauges(ctx, t, parts, out))
-    return out
+    for ddl_step in steps:
+        ddl_step.step = Step(ddl_step.action, functools.partial(_apply, ctx, t, ddl_step), item=t.label)
+        out.steps.append(ddl_step.step)
+    t.steps = steps
 
 
-def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput) -> list[Sample]:
+def _apply(ctx: JobContext, t: Table, step: DdlStep) -> JobOutput | None:
+    failure = apply_step(ctx, t, step)
+    if failure is None:
+        return None
+    return JobOutput(actions=[step.action], errors=[ItemError(t.label, failure)])
+
+
+def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | Plan) -> list[Sample]:
     """premade / runway / default rows as they stand after this run (before it, in plan mode)."""
     labels = {"table": t.label}
     integer = t.kind == "integer"
-    at = t.base if integer else plan.now_key(ctx.now, t.kind, ctx.timezone)
+    at = t.base if integer else grid.now_key(ctx.now, t.kind, ctx.timezone)
     assert at is not None
-    premade, reach = plan.runway(parts, at)
+    premade, reach = grid.runway(parts, at)
     samples = [Sample("partition_premade", float(premade), labels)]
     if not t.blocked:  # a default partition that could not be counted must not read as empty
         samples.append(Sample("partition_default_rows", float(t.default_rows), labels))
     if not integer:
-        samples.append(Sample("partition_runway_seconds", reach / plan.US, labels))
+        samples.append(Sample("partition_runway_seconds", reach / grid.US, labels))
     want = t.policy.runway_warn if t.policy.runway_warn is not None else t.policy.premake
     if premade < want:
-        runway = {"runway_keys": reach} if integer else {"runway_seconds": reach / plan.US}
+        runway = {"runway_keys": reach} if integer else {"runway_seconds": reach / grid.US}
         out.findings.append(Finding(
             "partition_runway_low", t.label, premade,
             f"{t.label}: only {premade} partitions are ready after the current one (want {want}); "
@@ -199,4 +213,4 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput) ->
     return samples
 
 
-KIND = JobKind(name="partitions", run=run, writes=True)
+KIND = JobKind(name="partitions", plan=plan, writes=True)

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.policy import HealthSection
-from pgupkeep.results import Finding, JobOutput, Sample
+from pgupkeep.results import Finding, JobOutput, Plan, Sample
 
 # pg_stat_activity's states, as gauge labels; `unknown` counts sessions whose state this role may
 # not see (other users' sessions without pg_read_all_stats).
@@ -127,7 +127,7 @@ def connection_counts(raw: Mapping[str | None, int]) -> dict[str, int]:
     return counts
 
 
-def plan(snap: Snapshot, section: HealthSection) -> JobOutput:
+def judge(snap: Snapshot, section: HealthSection) -> JobOutput:
     """Findings and gauges from a snapshot (pure)."""
     out = JobOutput()
     counts = connection_counts(snap.connections)
@@ -215,9 +215,10 @@ def plan(snap: Snapshot, section: HealthSection) -> JobOutput:
     return out
 
 
-def run(ctx: JobContext) -> JobOutput:
+def plan(ctx: JobContext) -> Plan:
     section: HealthSection = ctx.section
-    return plan(read(ctx.conn, section), section)
+    out = judge(read(ctx.conn, section), section)
+    return Plan(findings=out.findings, samples=out.samples, errors=out.errors)
 
 
-KIND = JobKind(name="health", run=run, writes=False)
+KIND = JobKind(name="health", plan=plan, writes=False)

@@ -132,7 +132,7 @@ def _concurrent_problem(view: QualifiedName, reasons: Sequence[str]) -> str:
     return f"{view}: cannot refresh CONCURRENTLY: {' and '.join(reasons)}; {'; '.join(todo)}"
 
 
-def plan(
+def plan_refreshes(
     section: MaterializedViewsSection,
     states: Mapping[QualifiedName, ViewState],
     reads: Mapping[QualifiedName, set[QualifiedName]],

@@ -13,11 +13,11 @@ import psycopg
 from psycopg import sql
 
 from pgupkeep.db import LockTimeoutError
-from pgupkeep.jobs import partitions_plan as plan
 from pgupkeep.jobs.base import JobContext
-from pgupkeep.jobs.partitions_catalog import Table
-from pgupkeep.jobs.partitions_plan import Partition, Slot
-from pgupkeep.results import Action
+from pgupkeep.jobs.partitions import grid
+from pgupkeep.jobs.partitions.catalog import Table
+from pgupkeep.jobs.partitions.grid import Partition, Slot
+from pgupkeep.results import Action, Step
 from pgupkeep.units import QualifiedName
 
 PENDING_SQL = "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = to_regclass(%s)"
@@ -35,8 +35,8 @@ LIKE_OPTIONS = sql.SQL(
 )
 
 
-def _bound(value: plan.Bound, kind: str, tz: ZoneInfo) -> sql.Composable:
-    text = plan.literal(value, kind, tz)
+def _bound(value: grid.Bound, kind: str, tz: ZoneInfo) -> sql.Composable:
+    text = grid.literal(value, kind, tz)
     if kind == "integer" or text in ("MINVALUE", "MAXVALUE"):
         return sql.SQL(text)
     return sql.Literal(text.strip("'"))
@@ -64,7 +64,7 @@ def create_statements(t: Table, slot: Slot, name: str, tz: ZoneInfo, columns: Se
     if columns is None:
         return [create, attach]
     assert t.default is not None
-    check = sql.Identifier(plan.partition_name(name, "bounds"))
+    check = sql.Identifier(grid.partition_name(name, "bounds"))
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
     return [
         create,
@@ -85,7 +85,7 @@ def _text(conn: psycopg.Connection, statements: Sequence[sql.Composable]) -> str
 
 
 @dataclass
-class Step:
+class DdlStep:
     """One short unit of DDL for one table: its action, statements and how to run them."""
 
     action: Action
@@ -93,9 +93,10 @@ class Step:
     relations: list[QualifiedName]
     transaction: bool = True
     made: Partition | None = None  # the partition a create step adds
+    step: Step | None = None  # the runner's step that applies it
 
 
-def create_steps(ctx: JobContext, t: Table) -> list[Step]:
+def create_steps(ctx: JobContext, t: Table) -> list[DdlStep]:
     tz, conn = ctx.timezone, ctx.conn
     mode = t.policy.on_default_conflict
     if t.conflicts and mode == "fail":
@@ -111,16 +112,16 @@ def create_steps(ctx: JobContext, t: Table) -> list[Step]:
             continue
         name = t.names[s.lo]
         stmts = create_statements(t, s, name, tz, columns if rows else None)
-        detail = {"table": t.label, "range": plan.describe(s.lo, s.hi, t.kind, tz), "interval": t.policy.interval}
+        detail = {"table": t.label, "range": grid.describe(s.lo, s.hi, t.kind, tz), "interval": t.policy.interval}
         if rows:
             detail |= {"rows": rows, "partition": f"{t.name.schema}.{name}"}
         kind = "move_default_rows" if rows else "create_partition"
         action = Action(kind, f"{t.name.schema}.{name}", _text(conn, stmts), False, detail)
-        steps.append(Step(action, stmts, relations, made=Partition(t.name.schema, name, s.lo, s.hi)))
+        steps.append(DdlStep(action, stmts, relations, made=Partition(t.name.schema, name, s.lo, s.hi)))
     return steps
 
 
-def retire_steps(ctx: JobContext, t: Table, cutoff: plan.Bound, current_lo: int) -> list[Step]:
+def retire_steps(ctx: JobContext, t: Table, cutoff: grid.Bound, current_lo: int) -> list[DdlStep]:
     conn, tz, p = ctx.conn, ctx.timezone, t.policy
     parent = sql.Identifier(*t.name.parts)
     # DETACH ... CONCURRENTLY: 14+, no default partition, outside a transaction block.
@@ -128,7 +129,7 @@ def retire_steps(ctx: JobContext, t: Table, cutoff: plan.Bound, current_lo: int)
     relations = [t.name] + ([QualifiedName(t.default.schema, t.default.name)] if t.default else [])
     steps = []
     # A pending detach is finished first: PostgreSQL allows one per parent at a time.
-    old_parts = sorted(plan.retirable(t.parts, cutoff, current_lo), key=lambda q: not q.pending_detach)
+    old_parts = sorted(grid.retirable(t.parts, cutoff, current_lo), key=lambda q: not q.pending_detach)
     for part in old_parts:
         old = sql.Identifier(part.schema, part.name)
         if part.pending_detach:
@@ -146,12 +147,12 @@ def retire_steps(ctx: JobContext, t: Table, cutoff: plan.Bound, current_lo: int)
             stmts.append(sql.SQL("DROP TABLE {}").format(old))
         detail = {
             "table": t.label,
-            "range": plan.describe(part.lo, part.hi, t.kind, tz),
+            "range": grid.describe(part.lo, part.hi, t.kind, tz),
             "retention": str(p.retention),
             "mode": "finalize" if part.pending_detach else ("concurrent" if concurrent else "plain"),
         }
         action = Action(f"{p.retention_action}_partition", part.qualified, _text(conn, stmts), False, detail)
-        steps.append(Step(action, stmts, relations + [QualifiedName(part.schema, part.name)], transaction))
+        steps.append(DdlStep(action, stmts, relations + [QualifiedName(part.schema, part.name)], transaction))
     return steps
 
 
@@ -160,7 +161,7 @@ def _pending(conn: psycopg.Connection, part: QualifiedName) -> bool:
     return bool(row and row[0])
 
 
-def _left_detached(ctx: JobContext, t: Table, step: Step, failure: Exception) -> str | None:
+def _left_detached(ctx: JobContext, t: Table, step: DdlStep, failure: Exception) -> str | None:
     """The message for a drop step whose DETACH committed but whose DROP failed: pgupkeep no longer
     sees that table (it is not a partition), so the operator must drop it."""
     if step.action.action != "drop_partition" or step.transaction:
@@ -174,7 +175,7 @@ def _left_detached(ctx: JobContext, t: Table, step: Step, failure: Exception) ->
             f"(DROP TABLE {sql.Identifier(*part.parts).as_string(ctx.conn)})")
 
 
-def apply_step(ctx: JobContext, t: Table, step: Step) -> str | None:
+def apply_step(ctx: JobContext, t: Table, step: DdlStep) -> str | None:
     """Run one step; None on success, else the operator's message."""
     try:
         ctx.run_ddl(step.statements, relations=step.relations, transaction=step.transaction)

@@ -8,17 +8,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
-from pgupkeep.jobs import partitions_plan as plan
-from pgupkeep.jobs.partitions_locks import Lock, read_failure
-from pgupkeep.jobs.partitions_plan import Partition, Slot
+from pgupkeep.jobs.partitions import grid
+from pgupkeep.jobs.partitions.grid import Partition, Slot
+from pgupkeep.jobs.partitions.locks import Lock, read_failure
 from pgupkeep.policy import PartitionTable
 from pgupkeep.units import QualifiedName
+
+if TYPE_CHECKING:
+    from pgupkeep.jobs.partitions.ddl import DdlStep
 
 # A digest of one attached partition: its name, schema, bound and pending-detach flag, hashed
 # together as one row and seeded with its oid, so that any change to them (ATTACH, DETACH, RENAME,
@@ -149,12 +152,13 @@ class Table:
     default_bytes: int | None = 0  # None: not measured (locked), so it must be counted
     default_rows: int = 0
     base: int | None = None  # integer keys: the max key value (or a fallback)
-    slots: list[plan.SlotState] = field(default_factory=list)
+    slots: list[grid.SlotState] = field(default_factory=list)
     creates: list[Slot] = field(default_factory=list)
     conflicts: dict[int, int] = field(default_factory=dict)  # slot.lo -> rows in the default
     names: dict[int, str] = field(default_factory=dict)  # slot.lo -> new partition name
     locks: dict[str, Lock] = field(default_factory=dict)  # relation -> lock in the way of a read
     blocked: str | None = None  # why this run leaves the table alone (a lock in the way of a read)
+    steps: list[DdlStep] = field(default_factory=list)  # this run's planned DDL, in order
 
     @property
     def name(self) -> QualifiedName:
@@ -166,7 +170,7 @@ class Table:
 
     @property
     def kind(self) -> str:
-        return plan.KEY_KINDS[self.key_type or ""]
+        return grid.KEY_KINDS[self.key_type or ""]
 
 
 @dataclass(frozen=True)
@@ -196,8 +200,8 @@ def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[i
         if is_default:
             defaults[oid] = Partition(schema, name, -math.inf, math.inf)
             continue
-        lo_v: plan.Bound = lo if lo is not None else (math.inf if lo_raw == "MAXVALUE" else -math.inf)
-        hi_v: plan.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
+        lo_v: grid.Bound = lo if lo is not None else (math.inf if lo_raw == "MAXVALUE" else -math.inf)
+        hi_v: grid.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
         parts[oid].append(Partition(schema, name, lo_v, hi_v, bool(pending)))
     return {
         oid: Known(len(ps) + (oid in defaults), digests.get(oid), wanted[oid],
@@ -264,7 +268,7 @@ def validate(t: Table) -> str | None:
         return f"{name}: is partitioned by {by}, pgupkeep manages only PARTITION BY RANGE tables; remove it from the policy"
     if t.key_columns != 1 or t.key_name is None:
         return f"{name}: the partition key must be a single column (not an expression or several columns); remove it from the policy"
-    mismatch = plan.key_mismatch(t.policy.interval, t.key_type or "")
+    mismatch = grid.key_mismatch(t.policy.interval, t.key_type or "")
     return f"{name}: {mismatch}" if mismatch else None
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
@@ -310,7 +314,7 @@ def read_integer_bases(conn: psycopg.Connection, tables: Sequence[Table]) -> Non
         )
 
     def take(t: Table, row: tuple[Any, ...]) -> None:
-        finite = [p.lo for p in plan.attached(t.parts) if not math.isinf(p.lo)]
+        finite = [p.lo for p in grid.attached(t.parts) if not math.isinf(p.lo)]
         t.base = row[0] if row[0] is not None else (min(finite) if finite else 0)
 
     _read_each(conn, tables, select, take)
@@ -319,8 +323,8 @@ def read_integer_bases(conn: psycopg.Connection, tables: Sequence[Table]) -> Non
 def _range_cond(t: Table, lo: int, hi: int) -> sql.Composed:
     return sql.SQL("{k} >= {lo} AND {k} < {hi}").format(
         k=sql.Identifier(t.key_name),
-        lo=sql.Literal(plan.key_to_python(lo, t.kind)),
-        hi=sql.Literal(plan.key_to_python(hi, t.kind)),
+        lo=sql.Literal(grid.key_to_python(lo, t.kind)),
+        hi=sql.Literal(grid.key_to_python(hi, t.kind)),
     )
 
 
@@ -357,7 +361,7 @@ def assign_names(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
         candidates = {}
         for t, s in pending:
             n = attempt.get((id(t), s.lo), 1)
-            name = plan.partition_name(t.name.name, s.suffix if n == 1 else f"{s.suffix}_{n}")
+            name = grid.partition_name(t.name.name, s.suffix if n == 1 else f"{s.suffix}_{n}")
             candidates[(id(t), s.lo)] = (t, s, name)
         keys = [(t.name.schema, name) for t, _, name in candidates.values()]
         rows = conn.execute(NAMES_SQL, ([k[0] for k in keys], [k[1] for k in keys])).fetchall()

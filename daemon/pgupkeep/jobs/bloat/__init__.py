@@ -1,6 +1,6 @@
 """The `bloat` job: flag tables with many dead tuples or much wasted space, optionally VACUUM them.
 
-One catalog query estimates every table (bloat_estimate.py); `pgstattuple_approx`, where installed,
+One catalog query estimates every table (estimate.py); `pgstattuple_approx`, where installed,
 re-measures the worst candidates under a time budget; flagged tables may get `VACUUM (ANALYZE)`.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 
 from pgupkeep.db import LockTimeoutError, read_past_exclusive_locks
 from pgupkeep.jobs.base import JobContext, JobKind
-from pgupkeep.jobs.bloat_estimate import (
+from pgupkeep.jobs.bloat.estimate import (
     SETTINGS_SQL,
     TABLES_SQL,
     Settings,
@@ -33,7 +33,7 @@ from pgupkeep.jobs.bloat_estimate import (
     settings_from_rows,
 )
 from pgupkeep.policy import BloatSection
-from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
+from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan, Sample, Step
 from pgupkeep.units import QualifiedName
 
 APPROX_SCHEMA_SQL = """
@@ -59,7 +59,7 @@ REMEDY_OVERDUE = (
 
 
 @dataclass
-class Plan:
+class Judgement:
     findings: list[Finding] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     vacuum: list[TableBloat] = field(default_factory=list)
@@ -205,19 +205,19 @@ def skipped_finding(row: TableRow) -> Finding:
     )
 
 
-def plan(
+def judge(
     tables: Sequence[TableBloat],
     rollups: Sequence[TableBloat],
     section: BloatSection,
     *,
     standby: bool,
-) -> Plan:
+) -> Judgement:
     """Findings, gauges and the tables to vacuum, from measured tables (already >= min_table_size).
 
     Roll-ups (partition trees) are flagged and ranked like tables but never counted in
     `bloated_tables` and never vacuumed themselves: their flagged partitions are.
     """
-    out = Plan()
+    out = Judgement()
     flagged = [t for t in sorted(tables, key=rank_key) if dead_flagged(t, section) or space_flagged(t, section)]
     # VACUUM helps only where there are dead tuples to reclaim; space without them needs a rewrite.
     to_vacuum = [t for t in flagged if t.dead_tuples >= section.min_dead_tuples]
@@ -257,59 +257,62 @@ def vacuum_sql(t: TableBloat) -> sql.Composed:
     return sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(*t.ident))
 
 
-@contextlib.contextmanager
-def _vacuum_session(ctx: JobContext) -> Iterator[psycopg.Connection]:
-    if ctx.connect is None:
-        yield ctx.conn
-        return
-    with ctx.connect(statement_timeout=ctx.section.vacuum_timeout) as conn:
-        yield conn
+class _VacuumSession:
+    """One session for all of a run's VACUUMs, opened at the first, with the vacuum timeout; it
+    collects the WARNINGs by which VACUUM says it skipped a table."""
+
+    def __init__(self, ctx: JobContext):
+        self.ctx = ctx
+        self.conn: psycopg.Connection | None = None
+        self.warnings: list[str] = []
+
+    def get(self) -> psycopg.Connection:
+        if self.conn is None:
+            ctx = self.ctx
+            self.conn = ctx.connect(statement_timeout=ctx.section.vacuum_timeout) if ctx.connect else ctx.conn
+            self.conn.add_notice_handler(
+                lambda d: self.warnings.append(d.message_primary or "") if d.severity_nonlocalized == "WARNING" else None
+            )
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None and self.conn is not self.ctx.conn:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
 
 
-def vacuum(ctx: JobContext, tables: Sequence[TableBloat], out: JobOutput) -> None:
-    """VACUUM (ANALYZE) each table in turn (never FULL), on a session with the vacuum timeout."""
-    if not tables:
-        return
-    if not ctx.apply:
-        for t in tables:
-            out.actions.append(_action(t, vacuum_sql(t).as_string(ctx.conn), applied=False))
-        return
-    with _vacuum_session(ctx) as conn:
-        warnings: list[str] = []
-        conn.add_notice_handler(
-            lambda d: warnings.append(d.message_primary or "") if d.severity_nonlocalized == "WARNING" else None
-        )
-        for t in tables:
-            assert t.ident is not None
-            stmt = vacuum_sql(t)
-            text = stmt.as_string(conn)
-            warnings.clear()
-            try:
-                # VACUUM cannot run in a transaction block; the session is autocommit.
-                ctx.run_ddl([stmt], relations=[QualifiedName(*t.ident)], transaction=False, conn=conn)
-            except LockTimeoutError as exc:
-                out.errors.append(ItemError(t.table, f"{exc}; VACUUM will be tried again on the next run"))
-                out.actions.append(_action(t, text, applied=False, outcome="failure"))
-                continue
-            except psycopg.errors.QueryCanceled:
-                out.errors.append(
-                    ItemError(t.table, f"{t.table}: VACUUM did not finish within vacuum_timeout; raise vacuum_timeout or vacuum it by hand")
-                )
-                out.actions.append(_action(t, text, applied=False, outcome="failure"))
-                continue
-            except psycopg.Error as exc:
-                out.errors.append(ItemError(t.table, f"{t.table}: VACUUM failed: {str(exc).strip()}"))
-                out.actions.append(_action(t, text, applied=False, outcome="failure"))
-                continue
-            skipped = [w for w in warnings if "skipping" in w]
-            if skipped:
-                # Not the owner (nor MAINTAIN): VACUUM only warns and does nothing.
-                out.errors.append(
-                    ItemError(t.table, f"{t.table}: VACUUM skipped it ({skipped[0]}); grant the pgupkeep role ownership or MAINTAIN")
-                )
-                out.actions.append(_action(t, text, applied=False, outcome="failure"))
-                continue
-            out.actions.append(_action(t, text, applied=True, outcome="success"))
+def vacuum_step(ctx: JobContext, t: TableBloat, session: _VacuumSession) -> Step:
+    """VACUUM (ANALYZE) one table (never FULL)."""
+    assert t.ident is not None
+    stmt = vacuum_sql(t)
+    text = stmt.as_string(ctx.conn)
+
+    def apply() -> JobOutput:
+        conn = session.get()
+        session.warnings.clear()
+        failed = JobOutput(actions=[_action(t, text, applied=False, outcome="failure")])
+        try:
+            # VACUUM cannot run in a transaction block; the session is autocommit.
+            ctx.run_ddl([stmt], relations=[QualifiedName(*t.ident)], transaction=False, conn=conn)
+        except LockTimeoutError as exc:
+            failed.errors.append(ItemError(t.table, f"{exc}; VACUUM will be tried again on the next run"))
+            return failed
+        except psycopg.errors.QueryCanceled:
+            failed.errors.append(ItemError(
+                t.table, f"{t.table}: VACUUM did not finish within vacuum_timeout; raise vacuum_timeout or vacuum it by hand"))
+            return failed
+        except psycopg.Error as exc:
+            failed.errors.append(ItemError(t.table, f"{t.table}: VACUUM failed: {str(exc).strip()}"))
+            return failed
+        skipped = [w for w in session.warnings if "skipping" in w]
+        if skipped:
+            # Not the owner (nor MAINTAIN): VACUUM only warns and does nothing.
+            failed.errors.append(ItemError(
+                t.table, f"{t.table}: VACUUM skipped it ({skipped[0]}); grant the pgupkeep role ownership or MAINTAIN"))
+            return failed
+        return JobOutput(actions=[_action(t, text, applied=True, outcome="success")])
+
+    return Step(_action(t, text, applied=False), apply, item=t.table)
 
 
 def _action(t: TableBloat, text: str, *, applied: bool, outcome: str | None = None) -> Action:
@@ -340,14 +343,18 @@ def assess(
     return tables, rollups, skipped
 
 
-def run(ctx: JobContext) -> JobOutput:
+def plan(ctx: JobContext) -> Plan:
     section: BloatSection = ctx.section
     tables, rollups, skipped = assess(ctx.conn, section)
-    p = plan(tables, rollups, section, standby=ctx.standby)
-    out = JobOutput(findings=[*p.findings, *skipped], samples=p.samples)
-    vacuum(ctx, p.vacuum, out)
-    out.findings.extend(ctx.lock_findings())
-    return out
+    j = judge(tables, rollups, section, standby=ctx.standby)
+    session = _VacuumSession(ctx)
+
+    def settle(applied: Sequence[Step]) -> JobOutput:
+        session.close()
+        return JobOutput()
+
+    steps = [vacuum_step(ctx, t, session) for t in j.vacuum]
+    return Plan(steps=steps, findings=[*j.findings, *skipped], samples=j.samples, settle=settle)
 
 
-KIND = JobKind(name="bloat", run=run, writes=False)
+KIND = JobKind(name="bloat", plan=plan, writes=False)

@@ -9,16 +9,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pgupkeep.jobs import partitions_plan as plan
-from pgupkeep.jobs.partitions_plan import Partition, Slot, SlotState
+from pgupkeep.jobs.partitions import grid
+from pgupkeep.jobs.partitions.grid import Partition, Slot, SlotState
 from pgupkeep.units import parse_retention
 
 BERLIN = ZoneInfo("Europe/Berlin")
-US = plan.US
+US = grid.US
 
 
 def utc(*args: int) -> int:
-    return plan.micros(datetime(*args, tzinfo=UTC))
+    return grid.micros(datetime(*args, tzinfo=UTC))
 
 
 def wall(*args: int) -> int:
@@ -36,11 +36,11 @@ def wall(*args: int) -> int:
     ("yearly", datetime(2027, 12, 31, 23, tzinfo=UTC), ["2027", "2028"]),
 ])
 def test_suffixes_across_year_ends(interval: str, now: datetime, expected: list[str]) -> None:
-    assert [s.suffix for s in plan.time_slots(now, interval, "timestamptz", ZoneInfo("UTC"), 1)] == expected
+    assert [s.suffix for s in grid.time_slots(now, interval, "timestamptz", ZoneInfo("UTC"), 1)] == expected
 
 
 def test_month_lengths_and_leap_years() -> None:
-    slots = plan.time_slots(datetime(2028, 1, 15, tzinfo=UTC), "monthly", "date", ZoneInfo("UTC"), 2)
+    slots = grid.time_slots(datetime(2028, 1, 15, tzinfo=UTC), "monthly", "date", ZoneInfo("UTC"), 2)
     assert slots == [
         Slot(wall(2028, 1, 1), wall(2028, 2, 1), "2028_01"),
         Slot(wall(2028, 2, 1), wall(2028, 3, 1), "2028_02"),
@@ -50,40 +50,40 @@ def test_month_lengths_and_leap_years() -> None:
 
 
 def test_daily_berlin_dst_days_are_23_and_25_hours() -> None:
-    spring = plan.time_slots(datetime(2026, 3, 29, 12, tzinfo=BERLIN), "daily", "timestamptz", BERLIN, 0)[0]
-    autumn = plan.time_slots(datetime(2026, 10, 25, 12, tzinfo=BERLIN), "daily", "timestamptz", BERLIN, 0)[0]
+    spring = grid.time_slots(datetime(2026, 3, 29, 12, tzinfo=BERLIN), "daily", "timestamptz", BERLIN, 0)[0]
+    autumn = grid.time_slots(datetime(2026, 10, 25, 12, tzinfo=BERLIN), "daily", "timestamptz", BERLIN, 0)[0]
     assert spring == Slot(utc(2026, 3, 28, 23), utc(2026, 3, 29, 22), "2026_03_29")
     assert autumn == Slot(utc(2026, 10, 24, 22), utc(2026, 10, 25, 23), "2026_10_25")
     # A timestamp (no time zone) key keeps 24-hour wall-clock days.
-    naive = plan.time_slots(datetime(2026, 3, 29, 12, tzinfo=BERLIN), "daily", "timestamp", BERLIN, 0)[0]
+    naive = grid.time_slots(datetime(2026, 3, 29, 12, tzinfo=BERLIN), "daily", "timestamp", BERLIN, 0)[0]
     assert naive == Slot(wall(2026, 3, 29), wall(2026, 3, 30), "2026_03_29")
 
 
 def test_hourly_berlin_dst_is_contiguous_and_unique() -> None:
-    slots = plan.time_slots(datetime(2026, 10, 24, 23, 30, tzinfo=UTC), "hourly", "timestamptz", BERLIN, 4)
+    slots = grid.time_slots(datetime(2026, 10, 24, 23, 30, tzinfo=UTC), "hourly", "timestamptz", BERLIN, 4)
     assert [s.suffix for s in slots] == ["2026_10_25_01", "2026_10_25_02", "2026_10_25_02_2", "2026_10_25_03", "2026_10_25_04"]
     assert all(b.lo == a.hi and a.hi - a.lo == 3600 * US for a, b in zip(slots, slots[1:], strict=False))
-    spring = plan.time_slots(datetime(2026, 3, 29, 0, 30, tzinfo=UTC), "hourly", "timestamptz", BERLIN, 2)
+    spring = grid.time_slots(datetime(2026, 3, 29, 0, 30, tzinfo=UTC), "hourly", "timestamptz", BERLIN, 2)
     assert [s.suffix for s in spring] == ["2026_03_29_01", "2026_03_29_03", "2026_03_29_04"]
 
 
 def test_integer_slots_and_names() -> None:
-    assert plan.integer_slots(2500, 1000, 1) == [Slot(2000, 3000, "2000"), Slot(3000, 4000, "3000")]
-    assert plan.integer_slots(-5, 10, 0) == [Slot(-10, 0, "m10")]
-    name = plan.partition_name("x" * 63, "2026_01")
+    assert grid.integer_slots(2500, 1000, 1) == [Slot(2000, 3000, "2000"), Slot(3000, 4000, "3000")]
+    assert grid.integer_slots(-5, 10, 0) == [Slot(-10, 0, "m10")]
+    name = grid.partition_name("x" * 63, "2026_01")
     assert name == "x" * 55 + "_2026_01" and len(name.encode()) == 63
-    name = plan.partition_name("é" * 31, "2026_01")  # 62 bytes; cut on a character boundary
+    name = grid.partition_name("é" * 31, "2026_01")  # 62 bytes; cut on a character boundary
     assert name == "é" * 27 + "_2026_01" and len(name.encode()) <= 63
 
 
 def test_key_mismatch() -> None:
-    assert plan.key_mismatch("monthly", "timestamptz") is None
-    assert plan.key_mismatch(100, "int8") is None
-    assert plan.key_mismatch("daily", "date") is None
-    assert plan.key_mismatch("hourly", "date") is not None
-    assert plan.key_mismatch("monthly", "int4") is not None
-    assert plan.key_mismatch(100, "timestamp") is not None
-    assert "text" in (plan.key_mismatch("daily", "text") or "")
+    assert grid.key_mismatch("monthly", "timestamptz") is None
+    assert grid.key_mismatch(100, "int8") is None
+    assert grid.key_mismatch("daily", "date") is None
+    assert grid.key_mismatch("hourly", "date") is not None
+    assert grid.key_mismatch("monthly", "int4") is not None
+    assert grid.key_mismatch(100, "timestamp") is not None
+    assert "text" in (grid.key_mismatch("daily", "text") or "")
 
 
 def part(name: str, lo: float, hi: float, pending: bool = False) -> Partition:
@@ -93,7 +93,7 @@ def part(name: str, lo: float, hi: float, pending: bool = False) -> Partition:
 def test_classify_by_bounds() -> None:
     parts = [part("a", 0, 10), part("year", 10, 40), part("odd", 45, 55)]
     slots = [Slot(0, 10, "0"), Slot(10, 20, "10"), Slot(40, 50, "40"), Slot(60, 70, "60")]
-    assert plan.classify(slots, parts) == [
+    assert grid.classify(slots, parts) == [
         SlotState(slots[0], "exists", (parts[0],)),
         SlotState(slots[1], "exists", (parts[1],)),
         SlotState(slots[2], "overlap", (parts[2],)),
@@ -103,30 +103,30 @@ def test_classify_by_bounds() -> None:
 
 def test_gaps_overlaps_and_runway() -> None:
     parts = [part("a", 0, 10), part("b", 10, 20), part("c", 30, 40), part("d", 35, 50)]
-    gaps, overlaps = plan.gaps_and_overlaps(parts)
+    gaps, overlaps = grid.gaps_and_overlaps(parts)
     assert gaps == [(parts[1], parts[2])] and overlaps == [(parts[2], parts[3])]
-    assert plan.runway(parts, 5) == (1, 15)
-    assert plan.runway(parts, 25) == (0, 0)  # nothing holds `at`: no runway at all
-    assert plan.runway([part("a", 0, 10), part("max", 10, math.inf)], 5) == (1, math.inf)
-    assert plan.runway([part("a", 0, 10), part("p", 10, 20, pending=True)], 5) == (0, 5)
+    assert grid.runway(parts, 5) == (1, 15)
+    assert grid.runway(parts, 25) == (0, 0)  # nothing holds `at`: no runway at all
+    assert grid.runway([part("a", 0, 10), part("max", 10, math.inf)], 5) == (1, math.inf)
+    assert grid.runway([part("a", 0, 10), part("p", 10, 20, pending=True)], 5) == (0, 5)
 
 
 def test_retention_cutoff_and_retirable() -> None:
     now = datetime(2026, 3, 31, 12, tzinfo=BERLIN)
-    months = plan.time_cutoff(now, parse_retention("1 month"), "timestamptz", BERLIN)
-    assert months == plan.micros(datetime(2026, 2, 28, 12, tzinfo=BERLIN))  # calendar month, day clamped
-    assert plan.time_cutoff(now, parse_retention("12h"), "timestamp", BERLIN) == wall(2026, 3, 31)
+    months = grid.time_cutoff(now, parse_retention("1 month"), "timestamptz", BERLIN)
+    assert months == grid.micros(datetime(2026, 2, 28, 12, tzinfo=BERLIN))  # calendar month, day clamped
+    assert grid.time_cutoff(now, parse_retention("12h"), "timestamp", BERLIN) == wall(2026, 3, 31)
     parts = [part("min", -math.inf, 10), part("old", 10, 20), part("edge", 20, 30), part("cur", 30, 40), part("max", 40, math.inf)]
-    assert plan.retirable(parts, cutoff=30, current_lo=30) == parts[:3]
-    assert plan.retirable(parts, cutoff=100, current_lo=30) == parts[:3]  # never current or future
-    assert plan.retirable(parts, cutoff=25, current_lo=30) == parts[:2]
+    assert grid.retirable(parts, cutoff=30, current_lo=30) == parts[:3]
+    assert grid.retirable(parts, cutoff=100, current_lo=30) == parts[:3]  # never current or future
+    assert grid.retirable(parts, cutoff=25, current_lo=30) == parts[:2]
 
 
 def test_literals() -> None:
     value = utc(2026, 3, 29, 22)
-    assert plan.literal(value, "timestamptz", BERLIN) == "'2026-03-30 00:00:00+02:00'"
-    assert plan.literal(wall(2026, 3, 30), "timestamp", BERLIN) == "'2026-03-30 00:00:00'"
-    assert plan.literal(wall(2026, 3, 30), "date", BERLIN) == "'2026-03-30'"
-    assert plan.literal(-7, "integer", BERLIN) == "-7"
-    assert plan.literal(-math.inf, "integer", BERLIN) == "MINVALUE"
-    assert plan.describe(0, 10, "integer", BERLIN) == "[0, 10)"
+    assert grid.literal(value, "timestamptz", BERLIN) == "'2026-03-30 00:00:00+02:00'"
+    assert grid.literal(wall(2026, 3, 30), "timestamp", BERLIN) == "'2026-03-30 00:00:00'"
+    assert grid.literal(wall(2026, 3, 30), "date", BERLIN) == "'2026-03-30'"
+    assert grid.literal(-7, "integer", BERLIN) == "-7"
+    assert grid.literal(-math.inf, "integer", BERLIN) == "MINVALUE"
+    assert grid.describe(0, 10, "integer", BERLIN) == "[0, 10)"

@@ -18,17 +18,17 @@ from psycopg import errors, sql
 from pgupkeep import db
 from pgupkeep.db import DdlRunner, LockTimeoutError
 from pgupkeep.jobs.base import JobContext, JobKind
-from pgupkeep.jobs.materialized_views_plan import (
+from pgupkeep.jobs.materialized_views.refreshes import (
     Mode,
     Refresh,
     ViewState,
     guard_key,
-    plan,
+    plan_refreshes,
     refresh_sql,
     rows_estimate,
 )
 from pgupkeep.policy import MaterializedViewsSection, ViewPolicy
-from pgupkeep.results import Action, Finding, ItemError, JobOutput, Sample
+from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan, Sample, Step
 from pgupkeep.units import QualifiedName, format_duration, pg_milliseconds
 
 # One row per configured view, in policy order. A usable unique index is what PostgreSQL's
@@ -252,66 +252,82 @@ def _action(r: Refresh, sql_text: str, applied: bool, detail: dict[str, Any]) ->
     return Action("refresh_materialized_view", str(r.view), sql_text, applied, detail)
 
 
-def run(ctx: JobContext) -> JobOutput:
+def plan(ctx: JobContext) -> Plan:
     section: MaterializedViewsSection = ctx.section
-    out = JobOutput()
+    out = Plan()
     run_started = time.monotonic()
     states, reads, maintain = read_catalog(ctx.conn, [p.view for p in section.views])
-    refreshes = plan(section, states, reads, items=ctx.items, maintain=maintain)
+    refreshes = plan_refreshes(section, states, reads, items=ctx.items, maintain=maintain)
     connect = ctx.connect or functools.partial(db.connect, ctx.target)
     last: dict[str, tuple[float, float]] = ctx.memo.setdefault("last_refresh", {})  # view -> (finished, seconds)
     for gone in set(last) - {str(p.view) for p in section.views}:
         del last[gone]
     for r in refreshes:
         planned_sql = refresh_sql(r.view, r.mode).as_string(ctx.conn)
-        fallback = _fallback(r.fallback_reason)
+        planned = _action(r, planned_sql, False, {"mode": r.mode, "rows": r.rows, **_fallback(r.fallback_reason)})
         if r.problem is not None:
             out.errors.append(ItemError(str(r.view), r.problem))
-            if ctx.apply:
-                detail = {"mode": r.mode, "outcome": "failure", "duration_seconds": 0.0, "rows": None}
-                out.actions.append(_action(r, planned_sql, False, detail))
-            else:
-                out.actions.append(_action(r, planned_sql, False, {"mode": r.mode, "rows": r.rows}))
+            # Reported as a failed refresh when applying; printed as what would be tried in a plan.
+            failed = _action(r, planned_sql, False, {"mode": r.mode, "outcome": "failure", "duration_seconds": 0.0, "rows": None})
+            out.steps.append(Step(planned, lambda failed=failed: JobOutput(actions=[failed]), item=str(r.view), writes=False))
             continue
+        out.steps.append(Step(planned, functools.partial(_refresh_step, ctx, r, connect, planned_sql, last, run_started), item=str(r.view)))
+
+    def settle(applied: Sequence[Step]) -> JobOutput:
+        result = JobOutput()
         if not ctx.apply:
-            out.actions.append(_action(r, planned_sql, False, {"mode": r.mode, "rows": r.rows, **fallback}))
-            continue
-        attempt = _Attempt(r.mode, planned_sql, r.fallback_reason, started=time.monotonic())
-        try:
-            _guarded_refresh(ctx, r, connect, attempt)
-        except _Skipped:
-            out.findings.append(
-                Finding(
-                    "matview_refresh_skipped",
-                    str(r.view),
-                    None,
-                    f"{r.view}: another session is refreshing it (refresh guard held); skipped this run, "
-                    "the next scheduled run refreshes it",
-                    {"view": str(r.view), "reason": "refresh_in_progress"},
-                )
-            )
-            continue
-        except (psycopg.Error, LockTimeoutError, _OutOfTime) as exc:
-            out.errors.append(ItemError(str(r.view), error_message(r.view, exc, r.policy, attempt.mode)))
-            seconds = time.monotonic() - attempt.started
-            detail = {"mode": attempt.mode, "outcome": "failure", "duration_seconds": seconds, "rows": None}
-            out.actions.append(_action(r, attempt.sql, False, {**detail, **_fallback(attempt.fallback_reason)}))
-            continue
-        detail = {"mode": attempt.mode, "outcome": "success", "duration_seconds": attempt.seconds, "rows": attempt.rows}
-        out.actions.append(_action(r, attempt.sql, True, {**detail, **_fallback(attempt.fallback_reason)}))
-        # The refresh's end on the run's (injected) clock: ctx.now plus the time since the run began.
-        last[str(r.view)] = (ctx.now.timestamp() + (time.monotonic() - run_started), attempt.seconds)
-    if ctx.apply:
+            return result
         # Every view of the run keeps its last successful refresh (from an earlier run in this
         # process if this one failed or was skipped): a result's gauges replace the run's previous
         # ones, and a failing view's age must go on growing for PgupkeepMatviewStale.
         for r in refreshes:
             if (view := str(r.view)) in last:
                 finished, seconds = last[view]
-                out.samples.append(Sample("matview_last_refresh_timestamp_seconds", finished, {"view": view}))
-                out.samples.append(Sample("matview_refresh_duration_seconds", seconds, {"view": view}))
-    out.findings.extend(ctx.lock_findings())
+                result.samples.append(Sample("matview_last_refresh_timestamp_seconds", finished, {"view": view}))
+                result.samples.append(Sample("matview_refresh_duration_seconds", seconds, {"view": view}))
+        return result
+
+    out.settle = settle
     return out
 
 
-KIND = JobKind(name="materialized_views", run=run, writes=True, per_item=True)
+def _refresh_step(
+    ctx: JobContext,
+    r: Refresh,
+    connect: Callable[..., psycopg.Connection],
+    planned_sql: str,
+    last: dict[str, tuple[float, float]],
+    run_started: float,
+) -> JobOutput:
+    out = JobOutput()
+    attempt = _Attempt(r.mode, planned_sql, r.fallback_reason, started=time.monotonic())
+    try:
+        _guarded_refresh(ctx, r, connect, attempt)
+    except _Skipped:
+        out.findings.append(
+            Finding(
+                "matview_refresh_skipped",
+                str(r.view),
+                None,
+                f"{r.view}: another session is refreshing it (refresh guard held); skipped this run, "
+                "the next scheduled run refreshes it",
+                {"view": str(r.view), "reason": "refresh_in_progress"},
+            )
+        )
+        return out
+    except (psycopg.Error, LockTimeoutError, _OutOfTime) as exc:
+        if ctx.stopping():
+            raise  # a shutdown cancelled it: the runner reports the run cancelled, not a failed view
+        out.errors.append(ItemError(str(r.view), error_message(r.view, exc, r.policy, attempt.mode)))
+        seconds = time.monotonic() - attempt.started
+        detail = {"mode": attempt.mode, "outcome": "failure", "duration_seconds": seconds, "rows": None}
+        out.actions.append(_action(r, attempt.sql, False, {**detail, **_fallback(attempt.fallback_reason)}))
+        return out
+    detail = {"mode": attempt.mode, "outcome": "success", "duration_seconds": attempt.seconds, "rows": attempt.rows}
+    out.actions.append(_action(r, attempt.sql, True, {**detail, **_fallback(attempt.fallback_reason)}))
+    # The refresh's end on the run's (injected) clock: ctx.now plus the time since the run began.
+    last[str(r.view)] = (ctx.now.timestamp() + (time.monotonic() - run_started), attempt.seconds)
+    return out
+
+
+KIND = JobKind(name="materialized_views", plan=plan, writes=True, per_item=True)
