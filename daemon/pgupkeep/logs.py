@@ -23,6 +23,7 @@ _ACTION_EVENTS = {
     "cancel_backend": "backend_signalled",
     "terminate_backend": "backend_signalled",
     "vacuum_table": "table_vacuumed",
+    "finish_retirement": "retirement_finished",
 }
 _FINDING_EVENTS = {
     "long_running_query": ("long_running_query", "warning"),
@@ -38,6 +39,7 @@ _FINDING_EVENTS = {
     "connections_high": ("connections_high", "warning"),
     "table_skipped_locked": ("table_skipped_locked", "info"),
     "matview_refresh_skipped": ("matview_refresh_skipped", "info"),
+    "partition_key_exhausting": ("partition_key_exhausting", "warning"),
 }
 
 

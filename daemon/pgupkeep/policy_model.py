@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model
 
+from pgupkeep import reloptions
 from pgupkeep.policy_types import (
     Dsn,
     Duration,
@@ -69,6 +71,25 @@ class SessionSettings(_Model):
     """Upper bound of an idle transaction of pgupkeep's own sessions."""
 
 
+def _reloption_field(option: reloptions.Reloption) -> tuple[Any, Any]:
+    schema: dict[str, Any] = {
+        "int": {"type": "integer"}, "real": {"type": "number"}, "bool": {"type": "boolean"},
+        "enum": {"anyOf": [{"enum": list(reloptions.ENUM_VALUES)}, {"type": "boolean"}]},
+    }[option.kind]
+    if option.lo is not None:
+        schema = {**schema, "minimum": option.lo, "maximum": option.hi}
+    kind = Annotated[Any, PlainValidator(functools.partial(reloptions.check, option.name)), WithJsonSchema(schema)]
+    return kind, Field(None, alias=option.name, description=option.meaning)
+
+
+StorageParameters = create_model(  # type: ignore[call-overload]
+    "StorageParameters",
+    __base__=_Model,
+    __doc__="Storage parameters (reloptions) each new partition is created WITH.",
+    **{name.replace(".", "__"): _reloption_field(option) for name, option in reloptions.RELOPTIONS.items()},
+)
+
+
 class PartitionTable(_Model):
     table: RelationName
     """Schema-qualified parent table; must already be PARTITION BY RANGE."""
@@ -85,6 +106,12 @@ class PartitionTable(_Model):
     runway_warn: int | None = Field(
         None, ge=0, description="Finding partition_runway_low when fewer partitions than this are ready (default: premake)."
     )
+    inherit_privileges: bool = True
+    """Copy the parent's table and column GRANTs to each new partition (it always takes the parent's owner)."""
+    storage_parameters: StorageParameters | None = None  # type: ignore[valid-type]
+    """Storage parameters each new partition is created WITH, e.g. {fillfactor: 70, autovacuum_vacuum_scale_factor: 0.05}; see the table below."""
+    key_exhaustion_warn: float = Field(0.8, gt=0, le=1)
+    """Integer keys: finding partition_key_exhausting once the max key has used this share of the key type's range."""
 
 
 class PartitionsSection(_Model):

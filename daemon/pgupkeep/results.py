@@ -24,6 +24,7 @@ ACTIONS = (
     "cancel_backend",
     "terminate_backend",
     "vacuum_table",
+    "finish_retirement",
 )
 FINDINGS = (
     "long_running_query",
@@ -40,6 +41,7 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "partition_key_exhausting",
 )
 
 

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.jobs.partitions import grid
 from pgupkeep.jobs.partitions.grid import Partition, Slot
 from pgupkeep.jobs.partitions.locks import Lock, read_failure
+from pgupkeep.jobs.partitions.privileges import Grant, Rights
 from pgupkeep.policy import PartitionTable
 from pgupkeep.units import QualifiedName
 
@@ -39,14 +41,32 @@ PART_DIGEST = """hash_record_extended(ROW(pc.relname, pn.nspname, i.inhdetachpen
 # (NULL: count it, or skip the table) where pg_locks shows an ACCESS EXCLUSIVE lock held or
 # queued: it would wait lock_timeout and fail the whole statement, every table's read with it.
 # Catalog reads take no relation locks.
+# What a new partition takes from its parent comes along: the owner, the table and column GRANTs
+# to other roles, the replica identity; and what pgupkeep's role may do (the owner's privileges,
+# becoming the owner ({may_set}: SET on 16+, membership before), CREATE in the schema, for it and
+# for the owner). So do the tables a retirement marked (see retirement.py), matched to their
+# parent by the name in the mark.
 TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
   -- Once for all tables: a correlated EXISTS per table made the planner's estimate large
   -- enough to switch on JIT compilation, which then cost more than the whole read.
   SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f'
+), marked AS (
+  SELECT substr(k.line, length(split_part(k.line, ':', 3)) + 18) AS parent,
+         json_agg(json_build_array(k.nspname, k.relname, split_part(k.line, ':', 3), k.relispartition)
+                  ORDER BY k.nspname, k.relname) AS rels
+  FROM (
+    SELECT split_part(d.description, E'\n', 1) AS line, kn.nspname, kc.relname, kc.relispartition
+    FROM pg_description d
+    JOIN pg_class kc ON kc.oid = d.objoid
+    JOIN pg_namespace kn ON kn.oid = kc.relnamespace
+    WHERE d.classoid = 'pg_class'::regclass AND d.objsubid = 0 AND d.description LIKE 'pgupkeep:retire:%%'
+  ) k
+  GROUP BY 1
 ), managed AS (
   SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
          a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
-         fk.confrelid IS NOT NULL AS referenced
+         fk.confrelid IS NOT NULL AS referenced, c.relowner, c.relnamespace, c.relacl, c.relreplident,
+         '"' || replace(m.nsp, '"', '""') || '"."' || replace(m.rel, '"', '""') || '"' AS quoted
   FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS m(nsp, rel, ord)
   LEFT JOIN pg_namespace n ON n.nspname = m.nsp
   LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = m.rel
@@ -63,10 +83,29 @@ SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts
           FROM exclusive_locks l
           JOIN pg_inherits li ON li.inhrelid = l.relation AND li.inhparent = mg.parent_oid
           JOIN pg_class lc ON lc.oid = l.relation
-          JOIN pg_namespace ln ON ln.oid = lc.relnamespace) AS part_locks
+          JOIN pg_namespace ln ON ln.oid = lc.relnamespace) AS part_locks,
+       current_user::text AS role, current_setting('is_superuser') = 'on' AS superuser,
+       pg_get_userbyid(mg.relowner)::text AS owner, pg_has_role(mg.relowner, 'USAGE') AS usage,
+       pg_has_role(mg.relowner, 'MEMBER') AS member, {may_set} AS may_set,
+       has_schema_privilege(mg.relnamespace, 'CREATE') AS may_create,
+       has_schema_privilege(mg.relowner, mg.relnamespace, 'CREATE') AS owner_may_create,
+       (SELECT json_agg(json_build_array(CASE WHEN g.grantee <> 0 THEN pg_get_userbyid(g.grantee)::text END,
+                                         g.privilege_type, g.is_grantable, NULL))
+          FROM aclexplode(mg.relacl) g WHERE g.grantee <> mg.relowner) AS grants,
+       (SELECT json_agg(json_build_array(CASE WHEN g.grantee <> 0 THEN pg_get_userbyid(g.grantee)::text END,
+                                         g.privilege_type, g.is_grantable, pa.attname) ORDER BY pa.attnum)
+          FROM pg_attribute pa, aclexplode(pa.attacl) g
+          WHERE pa.attrelid = mg.parent_oid AND pa.attnum > 0 AND NOT pa.attisdropped AND pa.attacl IS NOT NULL
+            AND g.grantee <> mg.relowner) AS column_grants,
+       mg.relreplident::text AS replident,
+       CASE WHEN mg.relreplident = 'i' THEN
+         (SELECT ic.relname FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid
+          WHERE x.indrelid = mg.parent_oid AND x.indisreplident) END AS replident_index,
+       mk.rels AS marked
 FROM managed mg
 LEFT JOIN exclusive_locks ml ON ml.relation = mg.parent_oid
 LEFT JOIN exclusive_locks dl ON dl.relation = mg.partdefid
+LEFT JOIN marked mk ON mk.parent = mg.quoted
 -- Table by table, so partitions are found by index rather than by hashing all of pg_class; not at
 -- all when nothing is known from an earlier run (every table's bounds are read then anyway).
 LEFT JOIN LATERAL (
@@ -78,6 +117,8 @@ LEFT JOIN LATERAL (
 ) p ON true
 ORDER BY mg.ord
 """
+MAY_SET_16 = "pg_has_role(mg.relowner, 'SET')"
+MAY_SET_15 = "pg_has_role(mg.relowner, 'MEMBER')"
 
 # The attached partitions of the given tables with their bounds, deparsed, cast back to the key's
 # type in the same session that printed them (so TimeZone and DateStyle round-trip) and returned
@@ -134,6 +175,21 @@ PROBE_CHUNK = 100
 # Errors that belong to one table's read (a lock that outlasted lock_timeout, a missing grant):
 # the chunk is read again table by table, so only that table fails.
 ITEM_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege)
+@dataclass(frozen=True)
+class Marked:
+    """A table a retirement marked (see retirement.py): its name, the retention_action it was
+    retired by, and whether it is still a partition (attached, or pending detach)."""
+
+    schema: str
+    name: str
+    action: str
+    is_partition: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
 @dataclass
 class Table:
     """One managed table: its policy, what the catalog says, and what this run plans for it."""
@@ -152,13 +208,17 @@ class Table:
     default_bytes: int | None = 0  # None: not measured (locked), so it must be counted
     default_rows: int = 0
     base: int | None = None  # integer keys: the max key value (or a fallback)
+    growth: float | None = None  # integer keys: key values per second lately (None: not measured yet)
     slots: list[grid.SlotState] = field(default_factory=list)
     creates: list[Slot] = field(default_factory=list)
-    conflicts: dict[int, int] = field(default_factory=dict)  # slot.lo -> rows in the default
-    names: dict[int, str] = field(default_factory=dict)  # slot.lo -> new partition name
+    conflicts: dict[grid.Bound, int] = field(default_factory=dict)  # slot.lo -> rows in the default
+    names: dict[grid.Bound, str] = field(default_factory=dict)  # slot.lo -> new partition name
     locks: dict[str, Lock] = field(default_factory=dict)  # relation -> lock in the way of a read
     blocked: str | None = None  # why this run leaves the table alone (a lock in the way of a read)
     steps: list[DdlStep] = field(default_factory=list)  # this run's planned DDL, in order
+    rights: Rights = field(default_factory=Rights)  # the parent's owner, grants, identity; pgupkeep's rights
+    marked: list[Marked] = field(default_factory=list)  # tables a retirement of this parent marked
+    denied: str | None = None  # why pgupkeep may not change this table (a right or setting missing)
 
     @property
     def name(self) -> QualifiedName:
@@ -184,9 +244,10 @@ class Known:
     default: Partition | None
 
 
-def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable], digests: bool) -> list[tuple[Any, ...]]:
+def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable], digests: bool) -> list[dict[str, Any]]:
     params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables], "digests": digests}
-    return read_past_exclusive_locks(lambda: conn.execute(TABLES_SQL, params).fetchall())
+    query = TABLES_SQL.replace("{may_set}", MAY_SET_16 if conn.info.server_version >= 160000 else MAY_SET_15)
+    return read_past_exclusive_locks(lambda: conn.cursor(row_factory=dict_row).execute(query, params).fetchall())
 
 
 def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[int, Known]:
@@ -225,19 +286,26 @@ def read_catalog(
     oids: list[int | None] = [None] * len(out)
     sizes: list[int | None] = [0] * len(out)
     for row in _table_rows(conn, tables, digests=bool(known)):
-        (ord_, oid, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
-         count, digest, default_bytes, part_locks) = row
-        t = out[ord_ - 1]
-        t.found, t.relkind, t.strategy, t.key_columns = oid is not None, relkind, strat, natts
-        t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
-        if t_granted is not None:
+        t = out[row["ord"] - 1]
+        oid, key_type = row["parent_oid"], row["key_type"]
+        t.found, t.relkind, t.strategy, t.key_columns = oid is not None, row["relkind"], row["partstrat"], row["partnatts"]
+        t.key_name, t.key_type, t.tablespace, t.referenced = row["key_name"], key_type, row["tablespace"], row["referenced"]
+        if row["granted"] is not None:
             parent = f"{t.name.schema}.{t.name.name}"
-            t.locks[parent] = Lock(parent, t_granted, tuple(t_pids))
-        for schema, name, granted, pids in part_locks or ():
+            t.locks[parent] = Lock(parent, row["granted"], tuple(row["pids"]))
+        for schema, name, granted, pids in row["part_locks"] or ():
             t.locks[f"{schema}.{name}"] = Lock(f"{schema}.{name}", granted, tuple(pids))
-        if strat == "r" and natts == 1 and key_type is not None:
-            current[oid] = (count, digest, key_type)
-            oids[ord_ - 1], sizes[ord_ - 1] = oid, default_bytes
+        t.rights = Rights(
+            role=row["role"], owner=row["owner"] or "", superuser=row["superuser"], usage=bool(row["usage"]),
+            member=bool(row["member"]), may_set=bool(row["may_set"]), may_create=bool(row["may_create"]),
+            owner_may_create=bool(row["owner_may_create"]),
+            grants=[Grant(*g) for g in (row["grants"] or []) + (row["column_grants"] or [])],
+            replident=row["replident"] or "d", replident_index=row["replident_index"],
+        )
+        t.marked = [Marked(*m) for m in row["marked"] or ()]
+        if row["partstrat"] == "r" and row["partnatts"] == 1 and key_type is not None:
+            current[oid] = (row["n"], row["digest"], key_type)
+            oids[row["ord"] - 1], sizes[row["ord"] - 1] = oid, row["default_bytes"]
     stale = {
         oid: key_type
         for oid, (count, digest, key_type) in current.items()
@@ -320,12 +388,11 @@ def read_integer_bases(conn: psycopg.Connection, tables: Sequence[Table]) -> Non
     _read_each(conn, tables, select, take)
 
 
-def _range_cond(t: Table, lo: int, hi: int) -> sql.Composed:
-    return sql.SQL("{k} >= {lo} AND {k} < {hi}").format(
-        k=sql.Identifier(t.key_name),
-        lo=sql.Literal(grid.key_to_python(lo, t.kind)),
-        hi=sql.Literal(grid.key_to_python(hi, t.kind)),
-    )
+def _range_cond(t: Table, lo: grid.Bound, hi: grid.Bound) -> sql.Composed:
+    k = sql.Identifier(t.key_name)
+    parts = [sql.SQL("{} >= {}").format(k, sql.Literal(grid.key_to_python(int(lo), t.kind)))] if not math.isinf(lo) else []
+    parts += [sql.SQL("{} < {}").format(k, sql.Literal(grid.key_to_python(int(hi), t.kind)))] if not math.isinf(hi) else []
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
 
 def probe_defaults(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
