@@ -17,7 +17,7 @@ from pgupkeep.runner import execute_job
 
 
 def run_job(dsn: str, tables_yaml: str, now: datetime, *, apply: bool = True, timezone: str = "UTC",
-            session: str = "", sleep=lambda s: None) -> JobOutput:
+            session: str = "", sleep=lambda s: None, memo: dict | None = None) -> JobOutput:
     text = (
         f"version: 1\ndaemon:\n  timezone: {timezone}\n"
         f"targets:\n  - name: t\n    dsn: \"${{DSN}}\"\n{session}"
@@ -28,7 +28,7 @@ def run_job(dsn: str, tables_yaml: str, now: datetime, *, apply: bool = True, ti
     with db.connect(target) as c:
         ctx = JobContext(target=target, section=target.partitions, conn=c, now=now,
                          timezone=policy.daemon.zone, apply=apply, sleep=sleep,
-                         connect=lambda **kw: db.connect(target, **kw))
+                         connect=lambda **kw: db.connect(target, **kw), memo={} if memo is None else memo)
         return execute_job(partitions.KIND, ctx)
 
 
