@@ -79,7 +79,7 @@ def _reloption_field(option: reloptions.Reloption) -> tuple[Any, Any]:
     if option.lo is not None:
         schema = {**schema, "minimum": option.lo, "maximum": option.hi}
     kind = Annotated[Any, PlainValidator(functools.partial(reloptions.check, option.name)), WithJsonSchema(schema)]
-    return kind, Field(None, alias=option.name, description=option.meaning)
+    return kind, Field(None, alias=option.name, description=reloptions.describe(option))
 
 
 StorageParameters = create_model(  # type: ignore[call-overload]
@@ -88,6 +88,13 @@ StorageParameters = create_model(  # type: ignore[call-overload]
     __doc__="Storage parameters (reloptions) each new partition is created WITH.",
     **{name.replace(".", "__"): _reloption_field(option) for name, option in reloptions.RELOPTIONS.items()},
 )
+# A mapping of PostgreSQL's own reloption names, not policy keys of pgupkeep's: validated by the
+# model above (each problem located at its key), documented from reloptions.RELOPTIONS.
+StorageParameterMap = Annotated[
+    Any,
+    PlainValidator(lambda value: None if value is None else StorageParameters.model_validate(value)),
+    WithJsonSchema({"anyOf": [StorageParameters.model_json_schema(), {"type": "null"}]}),
+]
 
 
 class PartitionTable(_Model):
@@ -108,7 +115,7 @@ class PartitionTable(_Model):
     )
     inherit_privileges: bool = True
     """Copy the parent's table and column GRANTs to each new partition (it always takes the parent's owner)."""
-    storage_parameters: StorageParameters | None = None  # type: ignore[valid-type]
+    storage_parameters: StorageParameterMap = None
     """Storage parameters each new partition is created WITH, e.g. {fillfactor: 70, autovacuum_vacuum_scale_factor: 0.05}; see the table below."""
     key_exhaustion_warn: float = Field(0.8, gt=0, le=1)
     """Integer keys: finding partition_key_exhausting once the max key has used this share of the key type's range."""

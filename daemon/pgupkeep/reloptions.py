@@ -55,7 +55,7 @@ _TABLE_ONLY = [
 RELOPTIONS: dict[str, Reloption] = {
     r.name: r
     for r in [Reloption(n, k, lo, hi, s, m) for n, k, lo, hi, s, m in _TABLE_ONLY + _SHARED]
-    + [Reloption(f"toast.{n}", k, lo, hi, s, f"{m} (the table's TOAST table)") for n, k, lo, hi, s, m in _SHARED]
+    + [Reloption(f"toast.{n}", k, lo, hi, s, f"TOAST table: {m}") for n, k, lo, hi, s, m in _SHARED]
 }
 ENUM_VALUES = ("auto", "on", "off")
 
@@ -90,6 +90,13 @@ def check(name: str, value: object) -> bool | int | float | str:
     if not option.lo <= number <= option.hi:
         raise ValueError(f"must be {span}, got {_number(number)}")
     return number
+
+
+def describe(option: Reloption) -> str:
+    """The option's range (if any) and meaning, for the reference."""
+    if option.lo is None:
+        return option.meaning
+    return f"{_number(option.lo)} to {_number(option.hi or 0)}. {option.meaning}"
 
 
 def _number(value: float) -> str:
