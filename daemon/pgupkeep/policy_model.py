@@ -109,7 +109,7 @@ class PartitionTable(_Model):
     retention_action: Literal["detach", "drop"] = "detach"
     """detach (DETACH ... CONCURRENTLY where possible) or drop."""
     on_default_conflict: Literal["fail", "skip", "move"] = "fail"
-    """When the default partition holds rows of a partition to create: fail, skip that partition, or move the rows."""
+    """When the default partition holds rows of a range to create: fail (that range is withheld and the table reported failed; later ranges are still created), skip (withheld, not failed), or move the rows into the new partition."""
     runway_warn: int | None = Field(
         None, ge=0, description="Finding partition_runway_low when fewer partitions than this are ready (default: premake)."
     )
