@@ -16,12 +16,8 @@ from pgupkeep import db
 from pgupkeep.jobs import partitions
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.jobs.partitions import plan_table
-from pgupkeep.jobs.partitions.catalog import (
-    assign_names,
-    probe_defaults,
-    read_catalog,
-    read_integer_bases,
-)
+from pgupkeep.jobs.partitions.catalog import read_catalog
+from pgupkeep.jobs.partitions.reads import assign_names, probe_defaults, read_integer_bases
 from pgupkeep.policy import Target, parse_policy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan
 from pgupkeep.runner import Fence, apply_plan, execute_job

@@ -1,8 +1,8 @@
 """The `partitions` job: keep `premake` range partitions ready after the current one, each owned
 and granted as its parent; retire old ones crash-safely; report runway, gaps, overlaps,
 default-partition rows and integer keys near the end of their type. This module orchestrates; the
-catalog reads live in catalog (other sessions' locks in locks), the DDL in ddl and retirement,
-owner and grants in privileges, the calendar in grid.
+catalog read lives in catalog, the reads of the tables in reads (other sessions' locks in locks),
+the DDL in ddl and retirement, owner and grants in privileges, the calendar in grid.
 """
 
 from __future__ import annotations
@@ -16,18 +16,12 @@ from zoneinfo import ZoneInfo
 
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.partitions import grid
-from pgupkeep.jobs.partitions.catalog import (
-    Table,
-    assign_names,
-    probe_defaults,
-    read_catalog,
-    read_integer_bases,
-    validate,
-)
+from pgupkeep.jobs.partitions.catalog import Table, read_catalog, validate
 from pgupkeep.jobs.partitions.ddl import DdlStep, create_steps, storage_problem
 from pgupkeep.jobs.partitions.grid import Partition
 from pgupkeep.jobs.partitions.locks import lock_in_the_way
 from pgupkeep.jobs.partitions.privileges import rights_problem
+from pgupkeep.jobs.partitions.reads import assign_names, probe_defaults, read_integer_bases
 from pgupkeep.jobs.partitions.retirement import (
     apply_step,
     detached_after,
@@ -251,22 +245,20 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | P
     ]
     if not (t.blocked or t.denied):  # a default partition that could not be counted must not read as empty
         samples.append(Sample("partition_default_rows", float(t.default_rows), labels))
-    runway: dict[str, Any]
+    runway: dict[str, Any] = {}
     if integer:
         assert t.key_type is not None
         values = min(at + reach, grid.INTEGER_LIMITS[t.key_type][1] + 1) - at
         samples.append(Sample("partition_runway_values", float(values), labels))
-        runway = {"runway_keys": values}
+        runway["runway_keys"] = values
         if t.growth is not None:
-            seconds = values / t.growth if t.growth > 0 else math.inf
-            samples.append(Sample("partition_runway_seconds", seconds, labels))
-            runway["runway_seconds"] = seconds
+            runway["runway_seconds"] = values / t.growth if t.growth > 0 else math.inf
+            samples.append(Sample("partition_runway_seconds", runway["runway_seconds"], labels))
     else:
-        samples.append(Sample("partition_runway_seconds", reach / grid.US, labels))
-        runway = {"runway_seconds": reach / grid.US}
-    kept = detached_after(t, t.steps)
-    if p.retention is not None or kept:
-        samples.append(Sample("partitions_detached", float(kept), labels))
+        runway["runway_seconds"] = reach / grid.US
+        samples.append(Sample("partition_runway_seconds", runway["runway_seconds"], labels))
+    if p.retention is not None or t.marked:
+        samples.append(Sample("partitions_detached", float(detached_after(t, t.steps)), labels))
     if premade < want:
         out.findings.append(Finding(
             "partition_runway_low", t.label, premade,

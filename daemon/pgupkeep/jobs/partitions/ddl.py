@@ -71,8 +71,9 @@ def storage_clause(t: Table) -> sql.Composable:
 def storage_problem(t: Table, server_version: int) -> str | None:
     """A storage parameter this server does not know yet, as the operator's message."""
     params = t.policy.storage_parameters
-    names = params.model_dump(by_alias=True, exclude_none=True) if params is not None else {}
-    for name in names:
+    if params is None:
+        return None
+    for name in params.model_dump(by_alias=True, exclude_none=True):
         since = reloptions.RELOPTIONS[name].since
         if server_version < since:
             return (f"{t.label}: storage parameter {name} needs PostgreSQL {since // 10000} or later and the server "

@@ -58,7 +58,7 @@ def _name(role: str) -> str:
 def rights_problem(label: str, schema: str, r: Rights, server_version: int) -> str | None:
     """Why pgupkeep's role cannot create, attach and retire this table's partitions, naming the
     GRANT that fixes each gap; None when it can."""
-    if r.superuser:
+    if r.superuser or (r.usage and r.may_set and r.may_create and (r.role == r.owner or r.owner_may_create)):
         return None
     role, owner, nsp = _name(r.role), _name(r.owner), _name(schema)
     fixes = []

@@ -50,6 +50,8 @@ def finish_steps(ctx: JobContext, t: Table) -> list[DdlStep]:
     is finalized, a marked detached one dropped. The table's policy now decides whether it is
     dropped: only when both the mark and the policy say `drop`; otherwise it is kept and marked so
     (counted in pgupkeep_partitions_detached)."""
+    if not t.marked:
+        return []
     p, conn = t.policy, ctx.conn
     drop_now = p.retention is not None and p.retention_action == "drop"
     pending = {q.qualified for q in t.parts if q.pending_detach}
