@@ -423,6 +423,36 @@ def test_an_integer_column_fed_by_a_bigint_sequence_is_judged_by_the_column(prim
     assert by_metric(out, "sequences_unreadable") == {(): 0.0}
 
 
+def test_only_sequences_used_since_the_last_run_are_read_again(primary: str):
+    execute(primary, "CREATE SEQUENCE quiet_ids MAXVALUE 1000", "CREATE SEQUENCE busy_ids MAXVALUE 1000",
+            "SELECT nextval('quiet_ids'), nextval('busy_ids')")  # fmt: skip
+
+    def fetched() -> dict[str, int]:
+        with psycopg.connect(primary) as c:  # a new session: statistics as flushed so far
+            return dict(c.execute(
+                "SELECT relname::text, pg_stat_get_blocks_fetched(oid) FROM pg_class WHERE relname IN ('quiet_ids', 'busy_ids')"
+            ).fetchall())  # fmt: skip
+
+    try:
+        start = wait_for(lambda: (f := fetched()) and all(f.values()) and f, "the nextval()s counted")
+        memo: dict = {}
+        first = run_at(primary, memo=memo)  # reads every value
+        read = wait_for(lambda: (f := fetched())["busy_ids"] > start["busy_ids"] and f, "the job's reads counted")
+        assert read == {name: n + 1 for name, n in start.items()}  # each value read once, each read one fetch
+        execute(primary, "SELECT setval('busy_ids', 900)")
+        moved = wait_for(lambda: (f := fetched())["busy_ids"] > read["busy_ids"] and f, "setval counted")
+        second = run_at(primary, now=NOW + timedelta(minutes=1), memo=memo)
+        after = wait_for(lambda: (f := fetched())["busy_ids"] > moved["busy_ids"] and f, "the second run counted")
+    finally:
+        execute(primary, "DROP SEQUENCE quiet_ids, busy_ids")
+
+    assert after["quiet_ids"] == read["quiet_ids"]  # not used since the first run: not read again
+    ratio = lambda out, seq: {dict(k)["sequence"]: v for k, v in by_metric(out, "sequence_used_ratio").items()}[seq]  # noqa: E731
+    assert ratio(first, "public.busy_ids") == 0.0 and ratio(second, "public.busy_ids") == pytest.approx(0.899, abs=1e-3)
+    assert ratio(second, "public.quiet_ids") == 0.0  # the value read before
+    assert [f["object"] for f in findings(second, "sequence_exhausting")] == ["public.busy_ids"]
+
+
 def test_sequences_a_role_may_not_read_are_counted_not_guessed(own_server, primary: str):
     execute(primary, "CREATE SEQUENCE secret_ids", "DROP ROLE IF EXISTS health_watcher", "CREATE ROLE health_watcher LOGIN",
             "GRANT pg_monitor TO health_watcher")  # fmt: skip
@@ -543,21 +573,24 @@ def test_standbys_sharing_a_name_are_told_apart_by_address():
 
 def seq_row(**kw) -> dict:
     row = {"sequence": "public.s", "type": "bigint", "start": 1, "increment": 1, "min": 1, "max": 9223372036854775807,
-           "cycle": False, "feeds": []}  # fmt: skip
+           "cycle": False, "column_name": None, "column_type": None, "column_max": None, "column_min": None}  # fmt: skip
     return {**row, **kw}
 
 
 def test_sequence_use_counts_from_its_start_to_the_first_limit_it_meets():
     from pgupkeep.jobs.health.sequences import usage
 
-    col = {"column": "public.t.id", "type": "integer", "max": 2147483647, "min": -2147483648}
-    fed = usage(seq_row(feeds=[col, {"column": "public.u.id", "type": "numeric", "max": None, "min": None}]), 1073741824)
-    assert (fed.limit, fed.limited_by, fed.column, round(fed.ratio, 6)) == (2147483647, "column", col, 0.5)
+    col = {"column_name": "public.t.id", "column_type": "integer", "column_max": 2147483647, "column_min": -2147483648}
+    fed = usage(seq_row(**col), 1073741824)
+    assert (fed.limit, fed.limited_by, fed.column, round(fed.ratio, 6), fed.left) == (2147483647, "column", "public.t.id", 0.5, 1073741823)
+    # A numeric column does not limit it: its own MAXVALUE does.
+    own = usage(seq_row(max=1000, column_name="public.u.id", column_type="numeric"), 900)
+    assert (own.limit, own.limited_by, own.column, round(own.ratio, 3)) == (1000, "sequence", "public.u.id", 0.9)
     # Descending from -1 towards an integer column's minimum; never called yet: nothing used.
-    down = seq_row(start=-1, increment=-1, min=-9223372036854775808, max=-1, feeds=[col])
+    down = seq_row(start=-1, increment=-1, min=-9223372036854775808, max=-1, **col)
     assert usage(down, -1610612737).ratio == pytest.approx(0.75) and usage(down, None).ratio == 0.0
     # Started past the column's end: exhausted before its first value.
-    assert usage(seq_row(start=3_000_000_000, feeds=[col]), None).ratio == 1.0
+    assert usage(seq_row(start=3_000_000_000, **col), None).ratio == 1.0
 
 
 def test_per_object_findings_are_bounded_and_counted_in_full():

@@ -243,7 +243,7 @@ def plan(ctx: JobContext) -> Plan:
     out = judge(read(conn, section), section)
     out.extend(replication.judge(replication.read(conn), section, ctx.now, ctx.memo))
     out.extend(horizon.judge(horizon.read(conn, section), section))
-    out.extend(sequences.judge(sequences.read(conn), section))
+    out.extend(sequences.judge(sequences.read(conn, ctx.now, ctx.memo), section))
     out.extend(tables.judge(tables.read(conn, section), section, ctx.now, ctx.memo))
     out.samples += [Sample("health_findings", float(n), {"kind": kind}) for kind, n in finding_counts(out.findings).items()]
     return Plan(findings=out.findings, samples=out.samples, errors=out.errors)

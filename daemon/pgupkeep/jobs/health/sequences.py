@@ -3,16 +3,23 @@ of its range it has used, where the range ends at the first limit it meets: its 
 the type of a column it feeds (an integer column fed by a bigint sequence fails at 2^31 - 1).
 
 One catalog statement finds every sequence and its limits. Reading a sequence's value takes a lock
-on it until the transaction ends, so the values are read in batches of max_locks_per_transaction
-(the lock budget PostgreSQL sizes per transaction): one statement over 20,000 sequences takes
-20,000 locks and fails with "out of shared memory" on a default server, and starves other
-sessions' lock requests long before that.
+on it until the transaction ends and opens it (cold in every new session: about 30 us each), so:
+- values are read in batches of max_locks_per_transaction (the lock budget PostgreSQL sizes per
+  transaction): one statement over 20,000 sequences takes 20,000 locks and fails with "out of
+  shared memory" on a default server, and starves other sessions' lock requests long before that;
+- only sequences that were used since the last run are read again. nextval() and setval() read
+  the sequence's page, which the statistics count (pg_stat_get_blocks_fetched, read here without
+  opening anything); a sequence whose count has not moved keeps the value read before. The count
+  is flushed when the session that moved it ends its transaction, so a value is at most one
+  transaction late; every value is read again at least every FULL_READ_EVERY, and on every run
+  when track_counts is off or on a standby (replay moves sequences without counting).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -23,36 +30,35 @@ from pgupkeep.jobs.health.common import bounded, count
 from pgupkeep.policy import HealthSection
 from pgupkeep.results import Finding, JobOutput, Sample
 
-# Each sequence with the columns it feeds: OWNED BY (serial) and identity links, and column
-# defaults that call nextval() on it without OWNED BY. A domain column counts as its base type.
+# Each sequence with the tightest column it feeds: of its OWNED BY (serial) and identity links and
+# the column defaults that call nextval() on it (OWNED BY or not), the one whose type ends first.
+# A domain column counts as its base type.
 # Sequences another session holds (or awaits) a lock on that conflicts with reading it (ALTER or
 # DROP SEQUENCE in an open transaction) are flagged, to be skipped rather than waited for.
 CATALOG_SQL = """
 WITH fed AS (
-    SELECT d.objid AS seq, d.refobjid AS rel, d.refobjsubid AS attnum
+    SELECT d.objid AS seq, d.refobjid AS rel, d.refobjsubid::int2 AS attnum
     FROM pg_depend d
     WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
       AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0
-    UNION
+    UNION ALL
     SELECT d.refobjid, ad.adrelid, ad.adnum
     FROM pg_depend d
     JOIN pg_attrdef ad ON ad.oid = d.objid
-    WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+    WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'n'
 ),
-columns AS (
-    SELECT f.seq, format('%s.%s.%s', tn.nspname, t.relname, a.attname) AS name,
-           format_type(a.atttypid, a.atttypmod) AS type,
+tightest AS (  -- of the columns a sequence feeds, the one whose type ends first
+    SELECT DISTINCT ON (f.seq) f.seq, f.rel, a.attname, format_type(a.atttypid, a.atttypmod) AS type,
            CASE coalesce(nullif(ty.typbasetype, 0), ty.oid)
-               WHEN 'int2'::regtype THEN 32767::numeric WHEN 'int4'::regtype THEN 2147483647::numeric
-               WHEN 'int8'::regtype THEN 9223372036854775807::numeric END AS type_max,
+               WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647
+               WHEN 'int8'::regtype THEN 9223372036854775807 END AS type_max,
            CASE coalesce(nullif(ty.typbasetype, 0), ty.oid)
-               WHEN 'int2'::regtype THEN -32768::numeric WHEN 'int4'::regtype THEN -2147483648::numeric
-               WHEN 'int8'::regtype THEN -9223372036854775808::numeric END AS type_min
+               WHEN 'int2'::regtype THEN -32768 WHEN 'int4'::regtype THEN -2147483648
+               WHEN 'int8'::regtype THEN -9223372036854775807 - 1 END AS type_min
     FROM fed f
-    JOIN pg_class t ON t.oid = f.rel AND t.relkind IN ('r', 'p', 'f')
-    JOIN pg_namespace tn ON tn.oid = t.relnamespace
     JOIN pg_attribute a ON a.attrelid = f.rel AND a.attnum = f.attnum AND NOT a.attisdropped
     JOIN pg_type ty ON ty.oid = a.atttypid
+    ORDER BY f.seq, 5 NULLS LAST
 ),
 conflicting_locks AS (
     SELECT DISTINCT l.relation
@@ -62,24 +68,25 @@ conflicting_locks AS (
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND l.pid IS DISTINCT FROM pg_backend_pid()
 )
-SELECT c.oid, format('%s.%s', n.nspname, c.relname) AS sequence, format_type(s.seqtypid, NULL) AS type,
-       s.seqstart::numeric AS start, s.seqincrement::numeric AS increment, s.seqmin::numeric AS min,
-       s.seqmax::numeric AS max, s.seqcycle AS cycle,
+SELECT c.oid, n.nspname || '.' || c.relname AS sequence, format_type(s.seqtypid, NULL) AS type,
+       s.seqstart AS start, s.seqincrement AS increment, s.seqmin AS min, s.seqmax AS max, s.seqcycle AS cycle,
        has_sequence_privilege(c.oid, 'SELECT,USAGE') AS readable,
        -- an unlogged sequence has no value on a standby
        NOT (pg_is_in_recovery() AND c.relpersistence = 'u') AS has_value,
        lk.relation IS NOT NULL AS locked,
-       coalesce(jsonb_agg(jsonb_build_object('column', col.name, 'type', col.type, 'max', col.type_max, 'min', col.type_min)
-                          ORDER BY col.name) FILTER (WHERE col.name IS NOT NULL), '[]') AS feeds,
-       current_setting('max_locks_per_transaction')::int AS lock_budget
+       tn.nspname || '.' || t.relname || '.' || k.attname AS column_name, k.type AS column_type,
+       k.type_max AS column_max, k.type_min AS column_min,
+       pg_stat_get_blocks_fetched(c.oid) AS fetched,
+       current_setting('max_locks_per_transaction')::int AS lock_budget,
+       current_setting('track_counts')::bool AND NOT pg_is_in_recovery() AS counted
 FROM pg_sequence s
 JOIN pg_class c ON c.oid = s.seqrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN columns col ON col.seq = c.oid
+LEFT JOIN tightest k ON k.seq = c.oid
+LEFT JOIN pg_class t ON t.oid = k.rel
+LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
 LEFT JOIN conflicting_locks lk ON lk.relation = c.oid
 WHERE NOT pg_is_other_temp_schema(n.oid)
-GROUP BY c.oid, n.nspname, c.relname, s.seqtypid, s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle,
-         c.relpersistence, lk.relation
 ORDER BY c.oid
 """
 
@@ -110,10 +117,10 @@ class SequenceUse:
     limit: int  # the last value nextval() can return
     left: int  # values left before the limit
     limited_by: str  # "sequence" (its own MAXVALUE/MINVALUE) or "column"
-    column: Mapping[str, Any] | None  # the column whose type sets the limit
+    column: str | None  # the tightest column it feeds (schema.table.column)
+    column_type: str | None
     type: str
     cycle: bool
-    feeds: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -121,54 +128,75 @@ class Sequences:
     used: Sequence[SequenceUse] = field(default_factory=tuple)
     unreadable: int = 0  # no privilege, or an unlogged sequence on a standby
     skipped_locked: tuple[str, ...] = ()
+    read: int = 0  # values read this run (the others had not moved)
 
 
-def read(conn: psycopg.Connection) -> Sequences:
+FULL_READ_EVERY = timedelta(hours=1)
+MEMO_VALUES = "sequence_values"  # oid -> (blocks fetched once our own read is counted, last_value)
+MEMO_FULL_READ = "sequence_values_read_at"
+
+
+def read(conn: psycopg.Connection, now: datetime, memo: MutableMapping[str, Any]) -> Sequences:
+    cached: dict[int, tuple[int, Any]] = memo.get(MEMO_VALUES, {})
+    full_at = memo.get(MEMO_FULL_READ)
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(CATALOG_SQL).fetchall()
-        wanted = [r["oid"] for r in rows if r["readable"] and r["has_value"] and not r["locked"]]
-        batch = max(16, int(rows[0]["lock_budget"])) if rows else 0
-        values: dict[int, Any] = {}
-        for i in range(0, len(wanted), batch or 1):
+        full = not rows or not rows[0]["counted"] or full_at is None or now - full_at >= FULL_READ_EVERY
+        wanted = [
+            r["oid"] for r in rows
+            if r["readable"] and r["has_value"] and not r["locked"]
+            and (full or cached.get(r["oid"], (None,))[0] != r["fetched"])
+        ]  # fmt: skip
+        batch = max(16, int(rows[0]["lock_budget"])) if rows else 1
+        fresh: dict[int, Any] = {}
+        for i in range(0, len(wanted), batch):
             oids = wanted[i : i + batch]
             try:
                 got = cur.execute(VALUES_SQL, {"oids": oids}).fetchall()
-            except psycopg.errors.LockNotAvailable:
+            except psycopg.errors.LockNotAvailable:  # a lock taken after the catalog read
                 got = read_past_exclusive_locks(lambda oids=oids: cur.execute(VALUES_PAST_LOCKS_SQL, {"oids": oids}).fetchall())
                 got = [r for r in got if not r["locked"]]
-            values.update((r["oid"], r["last_value"]) for r in got)
+            fresh.update((r["oid"], r["last_value"]) for r in got)
     used, unreadable, locked = [], 0, []
+    keep: dict[int, tuple[int, Any]] = {}
     for r in rows:
+        oid = r["oid"]
         if not (r["readable"] and r["has_value"]):
             unreadable += 1
-        elif r["locked"] or r["oid"] not in values:
-            locked.append(r["sequence"])
+            continue
+        if oid in fresh:
+            # Our own read counts one more page fetch, flushed when this session ends.
+            keep[oid] = (int(r["fetched"]) + 1, fresh[oid])
+        elif oid in cached:  # unchanged, or locked right now: the value read before
+            keep[oid] = cached[oid]
         else:
-            used.append(usage(r, values[r["oid"]]))
-    return Sequences(used=used, unreadable=unreadable, skipped_locked=tuple(locked))
+            locked.append(r["sequence"])
+            continue
+        used.append(usage(r, keep[oid][1]))
+    memo[MEMO_VALUES] = keep
+    if full:
+        memo[MEMO_FULL_READ] = now
+    return Sequences(used=used, unreadable=unreadable, skipped_locked=tuple(locked), read=len(fresh))
 
 
 def usage(row: Mapping[str, Any], last_value: Any) -> SequenceUse:
-    """The share of the range used between the start and the first limit the sequence meets."""
+    """The share of the range used between the start and the first limit the sequence meets: its
+    own MAXVALUE (MINVALUE when descending), or the end of the type of the column it feeds."""
     start, step = int(row["start"]), int(row["increment"])
     ascending = step > 0
-    feeds = list(row["feeds"])
-    limit, limited_by, column = (int(row["max"]) if ascending else int(row["min"])), "sequence", None
-    for col in feeds:
-        bound = col["max"] if ascending else col["min"]
-        if bound is None:
-            continue
-        bound = int(bound)
-        if (ascending and bound < limit) or (not ascending and bound > limit):
-            limit, limited_by, column = bound, "column", col
+    limit, limited_by = (int(row["max"]) if ascending else int(row["min"])), "sequence"
+    bound = row["column_max"] if ascending else row["column_min"]
+    if bound is not None and (int(bound) < limit if ascending else int(bound) > limit):
+        limit, limited_by = int(bound), "column"
     value = int(last_value) if last_value is not None else None
     at = value if value is not None else start - step  # never called: the next value is the start
     span = (limit - start) if ascending else (start - limit)
     done = (at - start) if ascending else (start - at)
     ratio = 1.0 if span <= 0 else min(1.0, max(0.0, done / span))
     return SequenceUse(
-        sequence=row["sequence"], ratio=ratio, last_value=value, limit=limit, left=max(0, span - done), limited_by=limited_by,
-        column=column, type=row["type"], cycle=bool(row["cycle"]), feeds=feeds,
+        sequence=row["sequence"], ratio=ratio, last_value=value, limit=limit, left=max(0, span - done),
+        limited_by=limited_by, column=row["column_name"], column_type=row["column_type"], type=row["type"],
+        cycle=bool(row["cycle"]),
     )  # fmt: skip
 
 
@@ -183,16 +211,16 @@ def judge(seqs: Sequences, section: HealthSection) -> JobOutput:
 
 
 def _finding(u: SequenceUse, section: HealthSection) -> Finding:
-    if u.column is not None:
-        col = u.column
-        where = f"feeds {col['column']} ({col['type']}), which ends at {count(u.limit)}"
+    if u.limited_by == "column":
+        where = f"feeds {u.column} ({u.column_type}), which ends at {count(u.limit)}"
         fix = (
-            f"widen the column before it runs out: ALTER TABLE ... ALTER COLUMN ... TYPE bigint on {col['column']} "
+            f"widen the column before it runs out: ALTER TABLE ... ALTER COLUMN ... TYPE bigint on {u.column} "
             "(a table rewrite under an ACCESS EXCLUSIVE lock: plan it, or migrate through a new bigint column)"
         )
     else:
         where = f"ends at its own {'MAXVALUE' if u.limit > 0 else 'MINVALUE'} {count(u.limit)} ({u.type})"
-        fix = f"raise it: ALTER SEQUENCE {u.sequence} AS bigint NO MAXVALUE (and widen the columns it feeds)"
+        fed = f" (and widen {u.column}, {u.column_type}, which it feeds)" if u.column else ""
+        fix = f"raise it: ALTER SEQUENCE {u.sequence} AS bigint NO MAXVALUE{fed}"
     if u.cycle:
         fix += "; it CYCLEs, so at the end it restarts and repeats values a unique key refuses"
     return Finding(
@@ -209,10 +237,9 @@ def _finding(u: SequenceUse, section: HealthSection) -> Finding:
             "last_value": u.last_value,
             "limit": u.limit,
             "limited_by": u.limited_by,
-            "column": u.column["column"] if u.column else None,
-            "column_type": u.column["type"] if u.column else None,
+            "column": u.column,
+            "column_type": u.column_type,
             "sequence_type": u.type,
             "cycle": u.cycle,
-            "feeds": [c["column"] for c in u.feeds],
         },
     )

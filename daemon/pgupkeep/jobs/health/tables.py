@@ -30,7 +30,7 @@ def _own(options: str, name: str, server: str) -> str:
 # Rows: the report_top worst tables by freeze share, every table past freeze_age_warn, and every
 # table over its autovacuum threshold (temporary tables excepted: autovacuum cannot reach them).
 TABLES_SQL = f"""
-WITH settings AS (
+WITH settings AS MATERIALIZED (
     SELECT current_setting('autovacuum_freeze_max_age')::float8 AS xid_max,
            current_setting('autovacuum_multixact_freeze_max_age')::float8 AS mxid_max,
            current_setting('autovacuum_vacuum_threshold')::float8 AS vac_base,
@@ -39,7 +39,7 @@ WITH settings AS (
            current_setting('autovacuum')::bool AND current_setting('track_counts')::bool AS autovacuum
 ),
 t AS (
-    SELECT c.oid, format('%%s.%%s', n.nspname, c.relname) AS table_name, c.relpersistence = 't' AS temporary,
+    SELECT c.oid, n.nspname, c.relname, c.relpersistence = 't' AS temporary, c.reloptions,
            greatest(age(c.relfrozenxid), age(tc.relfrozenxid)) AS xid_age,
            greatest(mxid_age(c.relminmxid), mxid_age(tc.relminmxid)) AS mxid_age,
            greatest(age(c.relfrozenxid) / least(s.xid_max, {_own('c.reloptions', 'autovacuum_freeze_max_age', 's.xid_max')}),
@@ -57,25 +57,29 @@ t AS (
                + {_own('c.reloptions', 'autovacuum_vacuum_scale_factor', 's.vac_scale')} * greatest(c.reltuples, 0)
                AS uncapped_threshold,
            {_own('c.reloptions', 'autovacuum_vacuum_max_threshold', 's.vac_cap')} AS cap,
-           s.autovacuum AS server_autovacuum,
-           coalesce(({reloption('c.reloptions', 'autovacuum_enabled')})::bool, true) AS table_autovacuum,
-           pg_stat_get_vacuum_count(c.oid) + pg_stat_get_autovacuum_count(c.oid) AS vacuums,
-           pg_stat_get_last_autovacuum_time(c.oid) AS last_autovacuum
+           s.autovacuum AS server_autovacuum
     FROM pg_class c
     JOIN pg_namespace n ON n.oid = c.relnamespace
     LEFT JOIN pg_class tc ON tc.oid = c.reltoastrelid
     CROSS JOIN settings s
     WHERE c.relkind IN ('r', 'm')
 ),
-scored AS (
+shared AS (
     SELECT t.*, greatest(t.xid_share, t.mxid_share) AS share,
-           CASE WHEN t.cap >= 0 THEN least(t.uncapped_threshold, t.cap) ELSE t.uncapped_threshold END AS vacuum_threshold,
-           row_number() OVER (ORDER BY greatest(t.xid_share, t.mxid_share) DESC, t.table_name) AS rank
+           CASE WHEN t.cap >= 0 THEN least(t.uncapped_threshold, t.cap) ELSE t.uncapped_threshold END AS vacuum_threshold
     FROM t
+),
+ranked AS (
+    SELECT shared.*, row_number() OVER (ORDER BY share DESC, nspname, relname) AS rank
+    FROM shared
 )
-SELECT oid, table_name, temporary, xid_age, mxid_age, xid_share, mxid_share, share, xid_max, mxid_max,
-       dead_tuples, vacuum_threshold, server_autovacuum, table_autovacuum, vacuums, last_autovacuum, rank
-FROM scored
+-- Statistics beyond the dead tuples are read for the rows returned only.
+SELECT oid, nspname || '.' || relname AS table_name, temporary, xid_age, mxid_age, xid_share, mxid_share, share,
+       xid_max, mxid_max, dead_tuples, vacuum_threshold, server_autovacuum,
+       coalesce(({reloption('reloptions', 'autovacuum_enabled')})::bool, true) AS table_autovacuum,
+       pg_stat_get_vacuum_count(oid) + pg_stat_get_autovacuum_count(oid) AS vacuums,
+       pg_stat_get_last_autovacuum_time(oid) AS last_autovacuum, rank
+FROM ranked
 WHERE rank <= %(top)s OR share >= %(warn)s OR (dead_tuples > vacuum_threshold AND NOT temporary)
 ORDER BY rank
 """
