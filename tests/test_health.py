@@ -538,7 +538,8 @@ def slot_row(**kw) -> dict:
     row = {
         "slot_name": "s1", "slot_type": "physical", "database": None, "temporary": False, "active": False,
         "wal_status": "reserved", "safe_wal_size": None, "retained_bytes": 1024.0, "knows_inactive_since": False,
-        "inactive_seconds": None, "conflicting": False, "invalidation_reason": None, "max_slot_wal_keep_size": "-1",
+        "inactive_seconds": None, "conflicting": False, "invalidation_reason": None, "synced": False,
+        "max_slot_wal_keep_size": "-1",
     }  # fmt: skip
     return {**row, **kw}
 
@@ -561,6 +562,7 @@ def test_before_17_a_slot_is_timed_from_when_pgupkeep_first_saw_it_inactive():
     assert judge(NOW + timedelta(minutes=12)) == []
     assert memo == {"slot_inactive_since": {"s1": NOW + timedelta(minutes=12)}}
     assert judge(NOW, wal_status="unreserved", safe_wal_size=-5.0) == ["replication_slot_wal_retained"]
+    assert judge(NOW + timedelta(hours=1), synced=True) == []  # a standby's copy of its primary's slot
 
 
 def test_standbys_sharing_a_name_are_told_apart_by_address():

@@ -42,7 +42,7 @@ FROM (SELECT 1) one
 LEFT JOIN pg_stat_wal_receiver r ON true
 """
 
-# Columns newer than PostgreSQL 13 (inactive_since and invalidation_reason: 17; conflicting: 16)
+# Columns newer than PostgreSQL 14 (inactive_since, invalidation_reason, synced: 17; conflicting: 16)
 # are read through to_jsonb, so one statement serves every version; `knows_inactive_since` says
 # whether the server tracks it (before 17 pgupkeep notes when it first saw the slot inactive).
 SLOTS_SQL = f"""
@@ -53,6 +53,7 @@ SELECT s.slot_name, s.slot_type, s.database, s.temporary, s.active, s.wal_status
        extract(epoch FROM now() - (j ->> 'inactive_since')::timestamptz)::float8 AS inactive_seconds,
        coalesce((j ->> 'conflicting')::bool, false) AS conflicting,
        j ->> 'invalidation_reason' AS invalidation_reason,
+       coalesce((j ->> 'synced')::bool, false) AS synced,
        current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size
 FROM pg_replication_slots s
 CROSS JOIN LATERAL to_jsonb(s) AS j
@@ -137,7 +138,8 @@ def _slots(slots: Sequence[Mapping[str, Any]], section: HealthSection, now: date
             )
             continue
         idle_for: float | None = None
-        if not s["active"]:
+        # A slot a standby keeps in sync with its primary's (17+) has no consumer there by design.
+        if not s["active"] and not s["synced"]:
             if s["knows_inactive_since"] and s["inactive_seconds"] is not None:
                 idle_for = float(s["inactive_seconds"])
             else:  # before PostgreSQL 17: from when this process first saw it inactive
