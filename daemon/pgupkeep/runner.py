@@ -280,9 +280,11 @@ class Runner:
 
     @staticmethod
     def _cancelled(result: Callable[..., JobResult], out: JobOutput, reason: str, leader: bool | None) -> JobResult:
+        """A run stopped at a step boundary: `cancelled` (shutdown, lost lease), or `skipped` when
+        it never wrote because a run of the previous leader still held the fence."""
         errors = tuple(out.errors)
         return result(
-            "cancelled", reason=reason, actions=tuple(out.actions), findings=tuple(out.findings),
+            "skipped" if reason == "previous_leader_running" else "cancelled", reason=reason, actions=tuple(out.actions), findings=tuple(out.findings),
             samples=tuple(out.samples), errors=errors, error=Runner._summary(errors), target_up=True,
             leader=False if reason == "lease_lost" else leader,
         )  # fmt: skip

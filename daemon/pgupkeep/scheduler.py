@@ -56,9 +56,13 @@ class Scheduler:
         on_overrun: Callable[[str, str], None],
         on_missed: Callable[[str, str], None] | None = None,
         probe: Callable[[str], None] | None = None,
+        watch: Callable[[], None] | None = None,
+        watch_every: timedelta = timedelta(seconds=2),
     ):
         self._run = run
         self._probe = probe
+        self._watch = watch
+        self._watch_every = watch_every
         self._on_overrun = on_overrun
         self._on_missed = on_missed
         self._jobs: dict[str, PlannedJob] = {}
@@ -71,6 +75,8 @@ class Scheduler:
                 "default": ThreadPoolExecutor(d.max_parallel_jobs),
                 # Its own thread, so busy jobs never starve the liveness heartbeat.
                 "heartbeat": ThreadPoolExecutor(1),
+                # Lease confirmations wait on the network: never on the heartbeat's thread.
+                "leases": ThreadPoolExecutor(1),
             },
             job_defaults={
                 "coalesce": True,
@@ -84,6 +90,11 @@ class Scheduler:
             heartbeat, "interval", seconds=heartbeat_every.total_seconds(), id="__heartbeat__",
             executor="heartbeat", next_run_time=datetime.now(d.zone),
         )  # fmt: skip
+        if self._watch is not None:
+            self._sched.add_job(
+                self._watch, "interval", seconds=self._watch_every.total_seconds(), id="__leases__",
+                executor="leases",
+            )  # fmt: skip
         self.apply(policy)
         self._sched.start()
 

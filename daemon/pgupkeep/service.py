@@ -26,6 +26,7 @@ from pgupkeep.scheduler import Scheduler, planned_jobs
 HEARTBEAT_EVERY = timedelta(seconds=2)
 STALL_AFTER = 15.0  # seconds without a heartbeat before /healthz says the scheduler stalled
 WATCH_EVERY = 2.0
+UNWIND_SECONDS = 4.0  # after cancelling past the grace, how long runs get to return
 
 
 def _fingerprint(path: Path) -> str | None:
@@ -54,11 +55,12 @@ class Service:
         self._active = 0
         self._active_lock = threading.Lock()
         self._fingerprint = _fingerprint(self.path)
-        self.leases = db.Leases(max_leases=policy.daemon.max_leases)
+        self.leases = db.Leases(max_leases=policy.daemon.max_leases, on_change=self._lease_changed)
         self.runner = Runner(policy, sinks=[log_result, self.metrics.record], leases=self.leases)
         self.scheduler = Scheduler(
-            run=self._run_job, on_overrun=self._overrun, on_missed=self._missed, probe=self._probe
-        )
+            run=self._run_job, on_overrun=self._overrun, on_missed=self._missed, probe=self._probe,
+            watch=self.leases.watch,
+        )  # fmt: skip
         self.http: HttpServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,8 +145,11 @@ class Service:
         return True
 
     def shutdown(self) -> None:
+        """No run starts; runs in flight stop at their next step; past the grace the statements in
+        flight are cancelled; leases are released only once every run has returned."""
         grace = self.policy.daemon.shutdown_grace.total_seconds()
         self._ready = False
+        self.runner.stop.set()
         self.scheduler.pause()
         deadline = time.monotonic() + grace
         while self.active() and time.monotonic() < deadline:
@@ -152,10 +157,17 @@ class Service:
         cancelled = 0
         if self.active():
             cancelled = self.runner.cancel_all()
-            unwind = time.monotonic() + 5
+            unwind = time.monotonic() + UNWIND_SECONDS
             while self.active() and time.monotonic() < unwind:
                 time.sleep(0.05)
+                if self.runner.inflight():
+                    self.runner.cancel_all()  # a session opened after the first cancel
+        still = self.active()
         self.scheduler.shutdown()
+        if still:
+            # A run that ignores cancellation (a driver stuck on a dead network) must not keep
+            # writing under a lease this replica gives up: its sessions close with the process.
+            self.log.warning("runs_abandoned", runs=still, message="runs still in flight at exit; their sessions close with the process")
         self.leases.release_all()
         if self.http is not None:
             self.http.stop()
@@ -206,7 +218,16 @@ class Service:
         )  # fmt: skip
 
     def _missed(self, target: str, job: str) -> None:
+        self.metrics.missed(target, job)
         self.log.warning("job_missed", target=target, job=job, reason="misfire_grace exceeded")
+
+    def _lease_changed(self, target: str, change: str, reason: str) -> None:
+        self.metrics.lease_changed(target, change)
+        if change == "lost":
+            self.log.warning("lease_lost", target=target, reason=reason,
+                             message="runs of this target stop at their next step; another replica may lead it now")
+        else:
+            self.log.info(f"lease_{change}", target=target)
 
     def _probe(self, target_name: str) -> None:
         try:
