@@ -215,7 +215,7 @@ def cmd_jobs(
             _print_human(result)
     if not work:
         print("nothing to do: no job sections match", file=sys.stderr)
-    failed = any(r.outcome == "failure" for r in results)
+    failed = any(r.outcome in ("failure", "cancelled") for r in results)
     return EXIT_FAILED if failed else EXIT_OK
 
 
