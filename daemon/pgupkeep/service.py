@@ -242,7 +242,8 @@ class Service:
         if before is None or old_names != new_names:
             self.log.info("targets_discovered", target=name, targets=len(new_names),
                           added=sorted(new_names - old_names), removed=sorted(old_names - new_names))
-        self.leases.rebalance()
+        home = fleet.lease_homes(self.policy, {name: found})
+        self.leases.rebalance([(name, home[name][0])] if name in home else [])
 
     # ------------------------------------------------------------------ health
 
