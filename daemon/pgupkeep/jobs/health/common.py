@@ -32,6 +32,13 @@ def count(n: float) -> str:
     return f"{int(n):,}"
 
 
+def percent(share: float) -> str:
+    """A share for a message: 84%, and two significant digits below 1% (0.055%), never a bare 0%."""
+    if share == 0 or abs(share) >= 0.01:
+        return f"{share:.0%}"
+    return f"{share * 100:.2g}%"
+
+
 def size(n: float) -> str:
     value = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):

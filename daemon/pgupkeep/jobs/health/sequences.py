@@ -26,7 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgupkeep.db import read_past_exclusive_locks
-from pgupkeep.jobs.health.common import bounded, count
+from pgupkeep.jobs.health.common import bounded, count, percent
 from pgupkeep.policy import HealthSection
 from pgupkeep.results import Finding, JobOutput, Sample
 
@@ -218,9 +218,11 @@ def _finding(u: SequenceUse, section: HealthSection) -> Finding:
             "(a table rewrite under an ACCESS EXCLUSIVE lock: plan it, or migrate through a new bigint column)"
         )
     else:
-        where = f"ends at its own {'MAXVALUE' if u.limit > 0 else 'MINVALUE'} {count(u.limit)} ({u.type})"
-        fed = f" (and widen {u.column}, {u.column_type}, which it feeds)" if u.column else ""
-        fix = f"raise it: ALTER SEQUENCE {u.sequence} AS bigint NO MAXVALUE{fed}"
+        bound = "MAXVALUE" if u.limit > 0 else "MINVALUE"
+        where = f"ends at its own {bound} {count(u.limit)} ({u.type})"
+        widen = "" if u.type == "bigint" else "AS bigint "
+        fed = f" (and widen {u.column}, {u.column_type}, which it feeds)" if u.column and u.column_type != "bigint" else ""
+        fix = f"raise it: ALTER SEQUENCE {u.sequence} {widen}NO {bound}{fed}"
     if u.cycle:
         fix += "; it CYCLEs, so at the end it restarts and repeats values a unique key refuses"
     return Finding(
@@ -228,7 +230,8 @@ def _finding(u: SequenceUse, section: HealthSection) -> Finding:
         object=u.sequence,
         value=round(u.ratio, 6),
         message=(
-            f"{u.sequence} {where}: {u.ratio:.0%} used, {count(u.left)} values left (warn at {section.sequence_warn:.0%}); "
+            f"{u.sequence} {where}: {percent(u.ratio)} used, {count(u.left)} {'value' if u.left == 1 else 'values'} left "
+            f"(warn at {percent(section.sequence_warn)}); "
             f"inserts fail when it runs out; {fix}"
         ),
         detail={

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from pgupkeep.jobs.health.common import bounded, count, reloption, seconds, threshold
+from pgupkeep.jobs.health.common import bounded, count, percent, reloption, seconds, threshold
 from pgupkeep.policy import HealthSection
 from pgupkeep.results import Finding, JobOutput, Sample
 
@@ -127,8 +127,8 @@ def _freeze(r: Mapping[str, Any], section: HealthSection) -> Finding:
         object=table,
         value=int(r["xid_age"]),
         message=(
-            f"{table}: {what} is {count(age)}, {r['share']:.0%} of its {setting} {count(limit)} (warn at "
-            f"{section.freeze_age_warn:.0%}); at 100% autovacuum forces an anti-wraparound vacuum, and PostgreSQL stops "
+            f"{table}: {what} is {count(age)}, {percent(r['share'])} of its {setting} {count(limit)} (warn at "
+            f"{percent(section.freeze_age_warn)}); at 100% autovacuum forces an anti-wraparound vacuum, and PostgreSQL stops "
             f"accepting writes near 2 billion: {fix}"
         ),
         detail={
