@@ -175,11 +175,12 @@ def findings(out: JobOutput, kind: str) -> list[dict]:
     return [f.to_dict() for f in out.findings if f.kind == kind]
 
 
-def run_at(dsn: str, extra: str = "", now: datetime = NOW, memo: dict | None = None) -> JobOutput:
+def run_at(dsn: str, extra: str = "", now: datetime = NOW, memo: dict | None = None, target: str = "") -> JobOutput:
     from pgupkeep.policy import parse_policy
 
     lines = "".join(f"      {line}\n" for line in extra.strip().splitlines())
-    policy = parse_policy('version: 1\ntargets:\n  - name: t\n    dsn: "${DSN}"\n    health:\n' + (lines or "      {}\n"), environ={"DSN": dsn})
+    text = 'version: 1\ntargets:\n  - name: t\n    dsn: "${DSN}"\n' + (f"    {target}\n" if target else "")
+    policy = parse_policy(text + "    health:\n" + (lines or "      {}\n"), environ={"DSN": dsn})
     target = policy.targets[0]
     with db.connect(target) as c:
         ctx = JobContext(target=target, section=target.health, conn=c, now=now, timezone=policy.daemon.zone, memo=memo if memo is not None else {})
@@ -460,6 +461,34 @@ def test_only_sequences_used_since_the_last_run_are_read_again(primary: str):
     assert ratio(first, "public.busy_ids") == 0.0 and ratio(second, "public.busy_ids") == pytest.approx(0.899, abs=1e-3)
     assert ratio(second, "public.quiet_ids") == 0.0  # the value read before
     assert [f["object"] for f in findings(second, "sequence_exhausting")] == ["public.busy_ids"]
+
+
+def test_a_sequence_locked_or_dropped_under_the_read_is_stepped_around(primary: str):
+    from pgupkeep.jobs.health import sequences
+
+    execute(primary, "CREATE SEQUENCE altered_ids MAXVALUE 1000", "SELECT setval('altered_ids', 800)",
+            "CREATE SEQUENCE dropped_ids")  # fmt: skip
+    try:
+        memo: dict = {}
+        first = run_at(primary, memo=memo)
+        with psycopg.connect(primary) as migration:  # ALTER SEQUENCE in a transaction left open
+            migration.execute("ALTER SEQUENCE altered_ids MAXVALUE 2000")
+            started = time.monotonic()
+            second = run_at(primary, now=NOW + timedelta(minutes=1), memo=memo, target="lock_timeout: 20s")
+            waited = time.monotonic() - started
+        with psycopg.connect(primary, autocommit=True) as c:
+            gone = c.execute("SELECT 'dropped_ids'::regclass::oid").fetchone()[0]
+            c.execute("DROP SEQUENCE dropped_ids")
+            # What a batch meets when a sequence is dropped after the catalog read, and its retry.
+            with pytest.raises(sequences.CHANGED_UNDER):
+                c.execute(sequences.VALUES_SQL, {"oids": [gone]})
+            assert c.execute(sequences.VALUES_CAREFULLY_SQL, {"oids": [gone]}).fetchall() == []
+    finally:
+        execute(primary, "DROP SEQUENCE IF EXISTS altered_ids, dropped_ids")
+
+    ratio = lambda out: {dict(k)["sequence"]: v for k, v in by_metric(out, "sequence_used_ratio").items()}["public.altered_ids"]  # noqa: E731
+    assert ratio(first) == ratio(second) == pytest.approx(0.7998, abs=1e-3)  # the value read before the lock
+    assert waited < 10  # never queued behind the migration's lock (lock_timeout is 20s)
 
 
 def test_sequences_a_role_may_not_read_are_counted_not_guessed(own_server, primary: str):

@@ -91,22 +91,27 @@ ORDER BY c.oid
 """
 
 # One batch of values (NULL: never called). Each statement is its own transaction (autocommit),
-# so its locks are released before the next batch. The lock check is repeated here only when a
-# batch met a lock taken after the catalog read (LockNotAvailable after lock_timeout).
+# so its locks are released before the next batch.
 VALUES_SQL = """
 SELECT s.oid, pg_sequence_last_value(s.oid)::numeric AS last_value
 FROM unnest(%(oids)s::oid[]) AS s(oid)
 """
-VALUES_PAST_LOCKS_SQL = """
-SELECT s.oid, k.locked,
-       CASE WHEN NOT k.locked THEN pg_sequence_last_value(s.oid)::numeric END AS last_value
+# The same batch again, when something changed since the catalog read: a lock taken on one of them
+# (LockNotAvailable after lock_timeout), a sequence dropped (could not open relation) or a
+# privilege revoked. Its own snapshot no longer lists the dropped ones; the others are skipped.
+VALUES_CAREFULLY_SQL = """
+SELECT s.oid, k.skip,
+       CASE WHEN NOT k.skip THEN pg_sequence_last_value(s.oid)::numeric END AS last_value
 FROM unnest(%(oids)s::oid[]) AS s(oid)
-CROSS JOIN LATERAL (SELECT EXISTS (
+JOIN pg_class c ON c.oid = s.oid AND c.relkind = 'S'
+CROSS JOIN LATERAL (SELECT NOT has_sequence_privilege(s.oid, 'SELECT,USAGE') OR EXISTS (
            SELECT 1 FROM pg_locks l
            WHERE l.locktype = 'relation' AND l.relation = s.oid AND l.pid IS DISTINCT FROM pg_backend_pid()
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')) AS locked) k
+             AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')) AS skip) k
 """
+# What a batch may meet when the catalog moved under it.
+CHANGED_UNDER = (psycopg.errors.LockNotAvailable, psycopg.errors.InternalError_, psycopg.errors.InsufficientPrivilege)
 
 
 @dataclass(frozen=True)
@@ -153,9 +158,9 @@ def read(conn: psycopg.Connection, now: datetime, memo: MutableMapping[str, Any]
             oids = wanted[i : i + batch]
             try:
                 got = cur.execute(VALUES_SQL, {"oids": oids}).fetchall()
-            except psycopg.errors.LockNotAvailable:  # a lock taken after the catalog read
-                got = read_past_exclusive_locks(lambda oids=oids: cur.execute(VALUES_PAST_LOCKS_SQL, {"oids": oids}).fetchall())
-                got = [r for r in got if not r["locked"]]
+            except CHANGED_UNDER:
+                got = read_past_exclusive_locks(lambda oids=oids: cur.execute(VALUES_CAREFULLY_SQL, {"oids": oids}).fetchall())
+                got = [r for r in got if not r["skip"]]
             fresh.update((r["oid"], r["last_value"]) for r in got)
     used, unreadable, locked = [], 0, []
     keep: dict[int, tuple[int, Any]] = {}
