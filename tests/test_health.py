@@ -463,6 +463,32 @@ def test_only_sequences_used_since_the_last_run_are_read_again(primary: str):
     assert [f["object"] for f in findings(second, "sequence_exhausting")] == ["public.busy_ids"]
 
 
+def test_a_column_widened_since_the_last_run_is_seen(primary: str):
+    from pgupkeep.jobs.health import sequences
+
+    execute(primary, "CREATE SEQUENCE invoice_ids AS bigint", "CREATE TABLE invoices (id int DEFAULT nextval('invoice_ids'))",
+            f"SELECT setval('invoice_ids', {int(0.9 * 2147483647)})")  # fmt: skip
+
+    def changes() -> int:
+        with psycopg.connect(primary) as c:  # a new session: statistics as flushed so far
+            return c.execute(sequences.STATE_SQL).fetchone()[7]
+
+    try:
+        memo: dict = {}
+        first = run_at(primary, memo=memo)
+        before = changes()
+        execute(primary, "ALTER TABLE invoices ALTER COLUMN id TYPE bigint")
+        wait_for(lambda: changes() != before, "the DDL counted in the catalogs' statistics")
+        second = run_at(primary, now=NOW + timedelta(minutes=1), memo=memo)
+    finally:
+        execute(primary, "DROP TABLE invoices", "DROP SEQUENCE invoice_ids")
+
+    assert [f["column_type"] for f in findings(first, "sequence_exhausting")] == ["integer"]
+    assert findings(second, "sequence_exhausting") == []
+    ratio = {dict(k)["sequence"]: v for k, v in by_metric(second, "sequence_used_ratio").items()}["public.invoice_ids"]
+    assert ratio == pytest.approx(0.9 * 2147483647 / 9223372036854775807, rel=1e-3)
+
+
 def test_a_sequence_locked_or_dropped_under_the_read_is_stepped_around(primary: str):
     from pgupkeep.jobs.health import sequences
 

@@ -2,17 +2,21 @@
 of its range it has used, where the range ends at the first limit it meets: its own MAXVALUE or
 the type of a column it feeds (an integer column fed by a bigint sequence fails at 2^31 - 1).
 
-One catalog statement finds every sequence and its limits. Reading a sequence's value takes a lock
-on it until the transaction ends and opens it (cold in every new session: about 30 us each), so:
+Each run reads one small row per sequence (STATE_SQL: may we read it, is it locked, how often was
+its page fetched) and, only when the catalog moved, the statement that finds every sequence's
+limits and columns (CATALOG_SQL). Reading a sequence's value takes a lock on it until the
+transaction ends and opens it (cold in every new session: about 30 us each), so:
 - values are read in batches of max_locks_per_transaction (the lock budget PostgreSQL sizes per
   transaction): one statement over 20,000 sequences takes 20,000 locks and fails with "out of
   shared memory" on a default server, and starves other sessions' lock requests long before that;
-- only sequences that were used since the last run are read again. nextval() and setval() read
-  the sequence's page, which the statistics count (pg_stat_get_blocks_fetched, read here without
-  opening anything); a sequence whose count has not moved keeps the value read before. The count
-  is flushed when the session that moved it ends its transaction, so a value is at most one
-  transaction late; every value is read again at least every FULL_READ_EVERY, and on every run
-  when track_counts is off or on a standby (replay moves sequences without counting).
+- only sequences used since the last run are read again. nextval() and setval() read the
+  sequence's page, which the statistics count (pg_stat_get_blocks_fetched, read without opening
+  anything); a sequence whose count has not moved keeps the value read before. Likewise the
+  catalog statement runs again only when the row counts of the catalogs it reads moved (DDL).
+  Counts are flushed when the session that moved them ends its transaction, so a value is at most
+  a transaction (and the statistics' flush delay) late; everything is read again at least every
+  FULL_READ_EVERY, and on every run when track_counts is off or on a standby (replay moves
+  sequences without counting).
 """
 
 from __future__ import annotations
@@ -33,8 +37,6 @@ from pgupkeep.results import Finding, JobOutput, Sample
 # Each sequence with the tightest column it feeds: of its OWNED BY (serial) and identity links and
 # the column defaults that call nextval() on it (OWNED BY or not), the one whose type ends first.
 # A domain column counts as its base type.
-# Sequences another session holds (or awaits) a lock on that conflicts with reading it (ALTER or
-# DROP SEQUENCE in an open transaction) are flagged, to be skipped rather than waited for.
 CATALOG_SQL = """
 WITH fed AS (
     SELECT d.objid AS seq, d.refobjid AS rel, d.refobjsubid::int2 AS attnum
@@ -59,6 +61,33 @@ tightest AS (  -- of the columns a sequence feeds, the one whose type ends first
     JOIN pg_attribute a ON a.attrelid = f.rel AND a.attnum = f.attnum AND NOT a.attisdropped
     JOIN pg_type ty ON ty.oid = a.atttypid
     ORDER BY f.seq, 5 NULLS LAST
+)
+SELECT c.oid, n.nspname || '.' || c.relname AS sequence, format_type(s.seqtypid, NULL) AS type,
+       s.seqstart AS start, s.seqincrement AS increment, s.seqmin AS min, s.seqmax AS max, s.seqcycle AS cycle,
+       c.relpersistence = 'u' AS unlogged,
+       tn.nspname || '.' || t.relname || '.' || k.attname AS column_name, k.type AS column_type,
+       k.type_max AS column_max, k.type_min AS column_min
+FROM pg_sequence s
+JOIN pg_class c ON c.oid = s.seqrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN tightest k ON k.seq = c.oid
+LEFT JOIN pg_class t ON t.oid = k.rel
+LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
+WHERE NOT pg_is_other_temp_schema(n.oid)
+"""
+
+# Every run: each sequence's page fetches and whether this role may read it; whether another
+# session holds (or awaits) a lock that conflicts with reading it (ALTER or DROP SEQUENCE in an open
+# transaction: skipped rather than waited for); and how many rows the catalogs CATALOG_SQL reads
+# have had inserted, updated or deleted (what DDL moves; a GRANT moves pg_class).
+STATE_SQL = """
+WITH settings AS MATERIALIZED (
+    SELECT current_setting('track_counts')::bool AND NOT pg_is_in_recovery() AS counted,
+           pg_is_in_recovery() AS in_recovery,
+           current_setting('max_locks_per_transaction')::int AS lock_budget,
+           (SELECT sum(pg_stat_get_tuples_inserted(r) + pg_stat_get_tuples_updated(r) + pg_stat_get_tuples_deleted(r))
+            FROM unnest('{pg_class,pg_attribute,pg_attrdef,pg_depend,pg_sequence,pg_type,pg_namespace}'::regclass[]) AS r
+           )::bigint AS catalog_changes
 ),
 conflicting_locks AS (
     SELECT DISTINCT l.relation
@@ -68,26 +97,14 @@ conflicting_locks AS (
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND l.pid IS DISTINCT FROM pg_backend_pid()
 )
-SELECT c.oid, n.nspname || '.' || c.relname AS sequence, format_type(s.seqtypid, NULL) AS type,
-       s.seqstart AS start, s.seqincrement AS increment, s.seqmin AS min, s.seqmax AS max, s.seqcycle AS cycle,
-       has_sequence_privilege(c.oid, 'SELECT,USAGE') AS readable,
-       -- an unlogged sequence has no value on a standby
-       NOT (pg_is_in_recovery() AND c.relpersistence = 'u') AS has_value,
-       lk.relation IS NOT NULL AS locked,
-       tn.nspname || '.' || t.relname || '.' || k.attname AS column_name, k.type AS column_type,
-       k.type_max AS column_max, k.type_min AS column_min,
-       pg_stat_get_blocks_fetched(c.oid) AS fetched,
-       current_setting('max_locks_per_transaction')::int AS lock_budget,
-       current_setting('track_counts')::bool AND NOT pg_is_in_recovery() AS counted
+SELECT s.seqrelid AS oid, pg_stat_get_blocks_fetched(s.seqrelid) AS fetched,
+       has_sequence_privilege(s.seqrelid, 'SELECT,USAGE') AS readable, lk.relation IS NOT NULL AS locked,
+       st.counted, st.in_recovery, st.lock_budget, st.catalog_changes
 FROM pg_sequence s
 JOIN pg_class c ON c.oid = s.seqrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN tightest k ON k.seq = c.oid
-LEFT JOIN pg_class t ON t.oid = k.rel
-LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
-LEFT JOIN conflicting_locks lk ON lk.relation = c.oid
-WHERE NOT pg_is_other_temp_schema(n.oid)
-ORDER BY c.oid
+CROSS JOIN settings st
+LEFT JOIN conflicting_locks lk ON lk.relation = s.seqrelid
+WHERE NOT pg_is_other_temp_schema(c.relnamespace)
 """
 
 # One batch of values (NULL: never called). Each statement is its own transaction (autocommit),
@@ -137,22 +154,33 @@ class Sequences:
 
 
 FULL_READ_EVERY = timedelta(hours=1)
-MEMO_VALUES = "sequence_values"  # oid -> (blocks fetched once our own read is counted, last_value)
+MEMO_CATALOG = "sequence_catalog"  # (catalog_changes, {oid: catalog row}) as last read
+MEMO_VALUES = "sequence_values"  # oid -> (page fetches once our own read is counted, last_value)
+MEMO_USE = "sequence_use"  # oid -> SequenceUse, for sequences whose value and catalog row held
 MEMO_FULL_READ = "sequence_values_read_at"
 
 
 def read(conn: psycopg.Connection, now: datetime, memo: MutableMapping[str, Any]) -> Sequences:
-    cached: dict[int, tuple[int, Any]] = memo.get(MEMO_VALUES, {})
     full_at = memo.get(MEMO_FULL_READ)
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(CATALOG_SQL).fetchall()
-        full = not rows or not rows[0]["counted"] or full_at is None or now - full_at >= FULL_READ_EVERY
+        state = cur.execute(STATE_SQL).fetchall()
+        if not state:
+            memo.pop(MEMO_CATALOG, None)
+            return Sequences()
+        head = state[0]
+        full = not head["counted"] or full_at is None or now - full_at >= FULL_READ_EVERY
+        catalog_at, catalog = memo.get(MEMO_CATALOG, (None, {}))
+        fresh_catalog = full or catalog_at != head["catalog_changes"] or any(r["oid"] not in catalog for r in state)
+        if fresh_catalog:
+            catalog = {r["oid"]: r for r in cur.execute(CATALOG_SQL)}
+        cached: dict[int, tuple[int, Any]] = {} if full else memo.get(MEMO_VALUES, {})
         wanted = [
-            r["oid"] for r in rows
-            if r["readable"] and r["has_value"] and not r["locked"]
-            and (full or cached.get(r["oid"], (None,))[0] != r["fetched"])
+            r["oid"] for r in state
+            if r["oid"] in catalog and r["readable"] and not r["locked"]
+            and not (head["in_recovery"] and catalog[r["oid"]]["unlogged"])  # no value on a standby
+            and cached.get(r["oid"], (None,))[0] != r["fetched"]
         ]  # fmt: skip
-        batch = max(16, int(rows[0]["lock_budget"])) if rows else 1
+        batch = max(16, int(head["lock_budget"]))
         fresh: dict[int, Any] = {}
         for i in range(0, len(wanted), batch):
             oids = wanted[i : i + batch]
@@ -162,26 +190,36 @@ def read(conn: psycopg.Connection, now: datetime, memo: MutableMapping[str, Any]
                 got = read_past_exclusive_locks(lambda oids=oids: cur.execute(VALUES_CAREFULLY_SQL, {"oids": oids}).fetchall())
                 got = [r for r in got if not r["skip"]]
             fresh.update((r["oid"], r["last_value"]) for r in got)
-    used, unreadable, locked = [], 0, []
-    keep: dict[int, tuple[int, Any]] = {}
-    for r in rows:
+    uses: dict[int, SequenceUse] = {} if fresh_catalog else memo.get(MEMO_USE, {})
+    values: dict[int, tuple[int, Any]] = {}
+    kept: dict[int, SequenceUse] = {}
+    unreadable, locked = 0, []
+    for r in state:
         oid = r["oid"]
-        if not (r["readable"] and r["has_value"]):
+        row = catalog.get(oid)
+        if row is None:  # created after the catalog read: the next run has it
+            continue
+        if not r["readable"] or (head["in_recovery"] and row["unlogged"]):
             unreadable += 1
             continue
         if oid in fresh:
             # Our own read counts one more page fetch, flushed when this session ends.
-            keep[oid] = (int(r["fetched"]) + 1, fresh[oid])
+            values[oid] = (int(r["fetched"]) + 1, fresh[oid])
         elif oid in cached:  # unchanged, or locked right now: the value read before
-            keep[oid] = cached[oid]
+            values[oid] = cached[oid]
         else:
-            locked.append(r["sequence"])
+            locked.append(row["sequence"])
             continue
-        used.append(usage(r, keep[oid][1]))
-    memo[MEMO_VALUES] = keep
+        kept[oid] = uses[oid] if oid in uses and oid not in fresh else usage(row, values[oid][1])
+    if head["counted"]:
+        memo[MEMO_CATALOG] = (head["catalog_changes"], catalog)
+    else:
+        memo.pop(MEMO_CATALOG, None)
+    memo[MEMO_VALUES] = values
+    memo[MEMO_USE] = kept
     if full:
         memo[MEMO_FULL_READ] = now
-    return Sequences(used=used, unreadable=unreadable, skipped_locked=tuple(locked), read=len(fresh))
+    return Sequences(used=list(kept.values()), unreadable=unreadable, skipped_locked=tuple(locked), read=len(fresh))
 
 
 def usage(row: Mapping[str, Any], last_value: Any) -> SequenceUse:
@@ -208,7 +246,7 @@ def usage(row: Mapping[str, Any], last_value: Any) -> SequenceUse:
 def judge(seqs: Sequences, section: HealthSection) -> JobOutput:
     out = JobOutput()
     worst = sorted(seqs.used, key=lambda u: (-u.ratio, u.sequence))
-    out.samples += [Sample("sequence_used_ratio", round(u.ratio, 6), {"sequence": u.sequence}) for u in worst[: section.report_top]]
+    out.samples += [Sample("sequence_used_ratio", u.ratio, {"sequence": u.sequence}) for u in worst[: section.report_top]]
     out.samples.append(Sample("sequences_unreadable", float(seqs.unreadable)))
     over = [_finding(u, section) for u in worst if u.ratio >= section.sequence_warn]
     out.findings += bounded(over, section.report_top)
