@@ -172,7 +172,7 @@ def read(conn: psycopg.Connection, now: datetime, memo: MutableMapping[str, Any]
         catalog_at, catalog = memo.get(MEMO_CATALOG, (None, {}))
         fresh_catalog = full or catalog_at != head["catalog_changes"] or any(r["oid"] not in catalog for r in state)
         if fresh_catalog:
-            catalog = {r["oid"]: r for r in cur.execute(CATALOG_SQL)}
+            catalog = {r["oid"]: r for r in cur.execute(CATALOG_SQL).fetchall()}
         cached: dict[int, tuple[int, Any]] = {} if full else memo.get(MEMO_VALUES, {})
         wanted = [
             r["oid"] for r in state
