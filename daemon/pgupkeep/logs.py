@@ -38,6 +38,7 @@ _FINDING_EVENTS = {
     "connections_high": ("connections_high", "warning"),
     "table_skipped_locked": ("table_skipped_locked", "info"),
     "matview_refresh_skipped": ("matview_refresh_skipped", "info"),
+    "lock_wait": ("lock_wait", "warning"),
 }
 
 

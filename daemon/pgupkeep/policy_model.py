@@ -132,6 +132,12 @@ class LongRunningQueriesSection(_Model):
     """Sessions of these users are never flagged or signalled."""
     ignore_applications: tuple[str, ...] = ()
     """Sessions of these application_names are never flagged or signalled."""
+    scope: Literal["database", "server"] = "database"
+    """database: judge and signal sessions of the target's database only; server: of every database (use on one target per server)."""
+    lock_wait_after: Duration = timedelta(seconds=30)
+    """Finding lock_wait, naming the root blocker, when a session has waited on a lock longer than this."""
+    terminate_idle_blockers_after: Duration | None = None
+    """Terminate a root blocker idle in transaction that has held up a lock chain longer than this (off unless set)."""
 
 
 class BloatSection(_Model):
