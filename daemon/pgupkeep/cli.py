@@ -165,8 +165,8 @@ def cmd_run(config: str) -> int:
     logs.get_logger().info("policy_loaded", config=config, targets=len(policy.targets), reason="startup")
     try:
         return run_daemon(config, policy)
-    except OSError as exc:  # e.g. the listen address is taken
-        logs.get_logger().error("daemon_failed", error=str(exc))
+    except OSError as exc:  # e.g. the listen address is taken (the message names it)
+        logs.get_logger().error("daemon_failed", error=str(exc), listen=policy.daemon.listen)
         return EXIT_FAILED
 
 

@@ -9,7 +9,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -52,24 +51,24 @@ def find_config(config: str | None) -> Path:
     )
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Same option as the HTTP server, so a port in TIME_WAIT counts as free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
+def port_is_free(listen: str) -> bool:
+    """Could the HTTP server bind this address now? (The same bind, SO_REUSEADDR and all.)"""
+    from pgupkeep.http import ListenError, bind
+
+    try:
+        bind(listen).close()
+    except ListenError:
+        return False
     return True
 
 
 def choose_listen(policy_listen: str, metrics_port: int | None) -> tuple[str, str | None]:
     """The HTTP listen address, and a note for the user when the policy's port is taken."""
-    host, _, port = policy_listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, _, port = policy_listen.rpartition(":")  # host keeps an IPv6 address's brackets
+    host = host or "127.0.0.1"
     if metrics_port is not None:
         return f"{host}:{metrics_port}", None
-    if port_is_free(host, int(port)):
+    if port_is_free(policy_listen):
         return policy_listen, None
     return (
         f"{host}:0",
