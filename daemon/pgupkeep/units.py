@@ -334,3 +334,27 @@ def split_listen(value: object) -> tuple[str, int]:
     elif host and not _HOSTNAME_RE.match(host):
         raise ValueError(f"{host!r} is not a host name; {LISTEN_HELP}")
     return host, int(port)
+
+
+# Other sessions' query text is personal data: it goes into logs and findings only as the policy's
+# `log_query_text` allows.
+QUERY_TEXT_TRUNCATED = 200
+QUERY_TEXT_MODES = ("full", "truncated", "none")
+# pg_stat_activity.query is at most track_activity_query_size bytes, itself at most 1 MB.
+_QUERY_TEXT_READ = {"full": 1_048_576, "truncated": QUERY_TEXT_TRUNCATED + 1, "none": 0}
+
+
+def query_text(text: str | None, mode: str) -> str | None:
+    """A query's text as `log_query_text` allows: all of it, its first 200 characters (with "..."
+    when cut) or nothing (None)."""
+    if text is None or mode == "none":
+        return None
+    if mode == "truncated" and len(text) > QUERY_TEXT_TRUNCATED:
+        return text[:QUERY_TEXT_TRUNCATED] + "..."
+    return text
+
+
+def query_text_read_limit(mode: str) -> int:
+    """How many characters of a query to read from the server for `mode` (one more than kept,
+    so a cut can be marked)."""
+    return _QUERY_TEXT_READ[mode]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,9 +20,8 @@ from pgupkeep.db import APPLICATION_NAME
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.policy import LongRunningQueriesSection
 from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan, Sample, Step
-from pgupkeep.units import format_duration
+from pgupkeep.units import format_duration, query_text, query_text_read_limit
 
-QUERY_TEXT_LIMIT = 1000
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 STATES = ("active", "idle_in_transaction")  # the bounded `state` label values
 # After cancelling a query that is also due for termination, how long to give the cancel to take
@@ -147,11 +146,13 @@ class Judgement:
     signals: list[Signal]
 
 
-def measure(conn: psycopg.Connection) -> list[Activity]:
+def measure(conn: psycopg.Connection, log_query_text: str = "truncated") -> list[Activity]:
+    """The sessions, their query text already cut to what `log_query_text` allows."""
     with conn.cursor(row_factory=kwargs_row(Activity)) as cur:
-        return cur.execute(
-            MEASURE_SQL, {"query_limit": QUERY_TEXT_LIMIT, "app": APPLICATION_NAME}
+        rows = cur.execute(
+            MEASURE_SQL, {"query_limit": query_text_read_limit(log_query_text), "app": APPLICATION_NAME}
         ).fetchall()
+    return [replace(a, query=query_text(a.query, log_query_text)) for a in rows]
 
 
 def _ignored(a: Activity, section: LongRunningQueriesSection) -> bool:
@@ -181,7 +182,7 @@ def judge(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Judge
         if a.age_seconds <= warn.total_seconds():
             continue
         flagged[kind] += 1
-        findings.append(_finding(a, warn))
+        findings.append(_finding(a, warn, section))
         # Never superusers' sessions, nor anything calling itself pgupkeep (see MEASURE_SQL).
         if a.superuser or a.application_name == APPLICATION_NAME:
             continue
@@ -202,18 +203,21 @@ def judge(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Judge
     return Judgement(findings, samples, signals)
 
 
-def _finding(a: Activity, warn: timedelta) -> Finding:
+def _finding(a: Activity, warn: timedelta, section: LongRunningQueriesSection) -> Finding:
     age = _seconds(a.age_seconds)
+    # A hint to set a key only while it is unset: once set, the signal's own event says what it did.
     if a.kind == "active":
         kind = "long_running_query"
         what = f"query active for {age:g}s, over warn_after {format_duration(warn)}"
-        hint = "check it in pg_stat_activity; set cancel_after to have such queries cancelled"
+        hint = "check it in pg_stat_activity"
+        if section.cancel_after is None:
+            hint += "; set cancel_after to have such queries cancelled"
     else:
         kind = "idle_in_transaction"
         what = f"{a.state} for {age:g}s, over idle_in_transaction_after {format_duration(warn)}"
-        hint = (
-            "the application should commit or roll back; set terminate_after to end such sessions"
-        )
+        hint = "the application should commit or roll back"
+        if section.terminate_after is None:
+            hint += "; set terminate_after to end such sessions"
     return Finding(
         kind=kind,
         object=a.object,
@@ -347,7 +351,7 @@ def _await_cancels(ctx: JobContext, cancelled: Sequence[Activity]) -> None:
 
 
 def plan(ctx: JobContext) -> Plan:
-    j = judge(measure(ctx.conn), ctx.section)
+    j = judge(measure(ctx.conn, ctx.target.log_query_text or "truncated"), ctx.section)
     errors = []
     hidden, role = ctx.conn.execute(HIDDEN_SQL).fetchone()  # type: ignore[misc]
     if hidden:
