@@ -69,7 +69,7 @@ class SessionSettings(_Model):
     connect_timeout: ConnectTimeout = timedelta(seconds=5)
     """How long to wait for a connection (more than 0; libpq rounds up to whole seconds, and below 2s to 2s)."""
     lock_timeout: PgTimeout = timedelta(seconds=2)
-    """No statement of pgupkeep waits longer than this for a lock (0: no limit, as in PostgreSQL; at most 2147483647ms)."""
+    """No statement of pgupkeep waits longer than this for a lock (at most 2147483647ms). 0 is PostgreSQL's no limit: DDL may then queue for a lock indefinitely, and the application's queries queue behind it; not advised."""
     lock_retries: int = Field(5, ge=0, le=100)
     """DDL that gave up on a lock is retried this many times, with jittered backoff."""
     statement_timeout: PgTimeout = timedelta(minutes=15)
