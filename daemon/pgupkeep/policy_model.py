@@ -15,6 +15,7 @@ from pgupkeep.policy_types import (
     Interval,
     Listen,
     MisfireGrace,
+    Period,
     PgTimeout,
     PositiveDuration,
     RelationName,
@@ -176,6 +177,15 @@ class HealthSection(_Model):
     """Finding connections_high above this share of max_connections."""
 
 
+class Discover(_Model):
+    include: tuple[str, ...] = ("*",)
+    """Databases to keep, as shell patterns (tenant_*); templates are never included."""
+    exclude: tuple[str, ...] = ()
+    """Databases to leave alone, as shell patterns (e.g. postgres); exclude wins over include."""
+    every: Period = Field(timedelta(minutes=5))
+    """How often the server's databases are listed again: new ones are picked up, dropped ones let go (at least 1s)."""
+
+
 class Target(_Model):
     name: TargetName
     """Unique name of the target ([a-z0-9_-]); the `target` label."""
@@ -203,6 +213,8 @@ class Target(_Model):
     """Flag (and optionally vacuum) bloated tables."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size."""
+    discover: Discover | None = None
+    """Make every matching database of the DSN's server a target `<name>/<database>` with these job sections (the DSN names the database discovery connects to; postgres if none)."""
 
     def section(self, kind: str) -> BaseModel | None:
         return getattr(self, kind)

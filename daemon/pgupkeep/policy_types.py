@@ -70,6 +70,10 @@ StatementBudget = _duration_type(
 )
 # libpq's connect_timeout: 0 would wait forever; below 2s libpq waits 2s.
 ConnectTimeout = _duration_type(DurationRange(low=_MS, high=MAX_DURATION, why_not_zero="libpq would wait forever"))
+# How often something recurs on the scheduler (discovery): at most once a second.
+Period = _duration_type(
+    DurationRange(low=timedelta(seconds=1), high=MAX_DURATION, why_not_zero="it would run without pause")
+)
 # APScheduler's misfire grace is whole seconds; 0 would skip every run that starts late at all.
 MisfireGrace = _duration_type(DurationRange(low=timedelta(seconds=1), high=MAX_DURATION))
 Size = Annotated[
