@@ -152,13 +152,17 @@ class HttpServer:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 2.0) -> None:
+        """Stop accepting and answering; wait at most `wait` seconds in all for answers under way
+        (a worker stuck sending to a client that stopped reading is a daemon thread: it does not
+        hold the process)."""
         self._stopping.set()
         self._wake()
         for _ in range(self._workers_n):
             self._ready_q.put(None)
+        deadline = time.monotonic() + wait
         for thread in self._threads:
-            thread.join(SEND_TIMEOUT + 1)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._sock.close()
         for conn in list(self._waiting.values()):
             self._close(conn)
