@@ -225,7 +225,7 @@ def test_two_replicas_share_twenty_databases_and_the_survivor_takes_all(pg_serve
         b.kill()
         killed = time.monotonic()
         wait_until(lambda: all(v == 1 for v in _leaders(a, names).values()), 30, "a to lead all 20")
-        assert time.monotonic() - killed < 3 + 2 + 2  # one discovery period, one run period, slack
+        assert time.monotonic() - killed < 3 + 4  # one discovery period, and slack for a busy machine
         assert a.value("pgupkeep_targets", state="leading") == 20
         assert a.stop() == 0
     assert double == []

@@ -23,9 +23,12 @@ THRESHOLD = 0.2  # seconds: warn_after / idle_in_transaction_after / cancel_afte
 
 
 def expected_finding(
-    out: JobOutput, h: Held, kind: str, state: str, finished: float, warn: str = "200ms"
+    out: JobOutput, h: Held, kind: str, state: str, finished: float, warn: str = "200ms", signals: str = ""
 ) -> Finding:
-    """The finding the job must report for a held session; its ages checked against the test's clock."""
+    """The finding the job must report for a held session; its ages checked against the test's clock.
+
+    `signals` names the keys the policy set ("cancel", "terminate"): a hint to set one is given only
+    while it is unset."""
     actual = next(f for f in out.findings if f.object == f"pid {h.pid}")
     age, xact_age = actual.detail["age_seconds"], actual.detail["xact_age_seconds"]
     # Measured by the server: after the session began, before the job returned.
@@ -37,12 +40,12 @@ def expected_finding(
     i = h.info
     if kind == "long_running_query":
         what = f"query active for {age:g}s, over warn_after {warn}"
-        hint = "check it in pg_stat_activity; set cancel_after to have such queries cancelled"
+        hint = "check it in pg_stat_activity"
+        hint += "" if "cancel" in signals else "; set cancel_after to have such queries cancelled"
     else:
         what = f"{state} for {age:g}s, over idle_in_transaction_after {warn}"
-        hint = (
-            "the application should commit or roll back; set terminate_after to end such sessions"
-        )
+        hint = "the application should commit or roll back"
+        hint += "" if "terminate" in signals else "; set terminate_after to end such sessions"
     return Finding(
         kind=kind,
         object=f"pid {h.pid}",
@@ -219,7 +222,7 @@ def test_cancel_after_cancels_sleeper_but_not_ignored_or_superuser(database, app
 
     active = sorted(
         [
-            expected_finding(out, h, "long_running_query", "active", finished)
+            expected_finding(out, h, "long_running_query", "active", finished, signals="cancel")
             for h in (sleeper, superuser, impostor)
         ],
         key=lambda f: -f.value,
@@ -240,7 +243,7 @@ def test_terminate_after_ends_idle_in_transaction_session(database, app, session
 
     out, finished = run_job(database, terminate_after="200ms")
 
-    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished)]
+    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished, signals="terminate")]
     assert out == JobOutput(
         actions=[expected_action(out, "terminate_backend", idle, applied=True)],
         findings=idles,
@@ -257,7 +260,7 @@ def test_cancel_comes_first_and_spares_the_session_when_it_works(database, app, 
 
     out, finished = run_job(database, cancel_after="200ms", terminate_after="200ms")
 
-    active = [expected_finding(out, sleeper, "long_running_query", "active", finished)]
+    active = [expected_finding(out, sleeper, "long_running_query", "active", finished, signals="cancel terminate")]
     assert out == JobOutput(
         actions=[
             expected_action(out, "cancel_backend", sleeper, applied=True),
@@ -292,8 +295,8 @@ def test_dry_run_and_plan_signal_nobody(database, app, sessions, mode):
         dry_run=str(dry).lower(),
     )
 
-    active = [expected_finding(out, sleeper, "long_running_query", "active", finished)]
-    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished)]
+    active = [expected_finding(out, sleeper, "long_running_query", "active", finished, signals="cancel terminate")]
+    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished, signals="cancel terminate")]
     would = [
         expected_action(out, "cancel_backend", sleeper, applied=False, dry_run=dry),
         *sorted(
@@ -419,7 +422,7 @@ def test_role_without_signal_privilege_gets_a_clear_error(database, app, roles, 
 
     out, finished = run_job(agent, cancel_after="200ms")
 
-    active = [expected_finding(out, sleeper, "long_running_query", "active", finished)]
+    active = [expected_finding(out, sleeper, "long_running_query", "active", finished, signals="cancel")]
     assert out.findings == active
     assert out.actions == [
         expected_action(

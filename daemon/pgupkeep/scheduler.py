@@ -113,8 +113,9 @@ class Scheduler:
         self.apply(policy)
         self._sched.start()
 
-    def apply(self, policy: Policy) -> None:
-        """Replace the scheduled jobs with those of `policy` (start-up and reload)."""
+    def apply(self, policy: Policy, at_once: frozenset[str] = frozenset()) -> None:
+        """Replace the scheduled jobs with those of `policy` (start-up and reload); the jobs of the
+        targets in `at_once` (databases discovered while running) run once now, then on schedule."""
         assert self._sched is not None
         wanted = {p.id: p for p in planned_jobs(policy)}
         for job_id in list(self._jobs):
@@ -128,7 +129,7 @@ class Scheduler:
             # A discovered database's runs are spread over their period (the same phase on every
             # replica) rather than all due at once; a target of its own runs once at start-up,
             # then on schedule, so a fresh daemon reports at once.
-            spread = discovered(planned.target)
+            spread = discovered(planned.target) and planned.target not in at_once
             trigger = planned.schedule.trigger(policy.daemon.zone, policy.daemon.jitter, phase(job_id) if spread else None)
             extra = {} if spread else {"next_run_time": datetime.now(policy.daemon.zone)}
             self._sched.add_job(

@@ -122,7 +122,12 @@ class Service:
                 reason=reason,
                 config=str(self.path),
                 problems=[str(p) for p in exc.problems],
-                action="the previous policy keeps running; fix the file and it is re-read",
+                action=(
+                    "the previous policy keeps running; fix the file: it is watched and re-read when it changes (or on SIGHUP)"
+                    if self.policy.daemon.reload_on_change
+                    else "the previous policy keeps running; fix the file, then send SIGHUP to re-read it "
+                    "(reload_on_change is false: the file is not watched)"
+                ),
             )
             return False
         old = self.policy
@@ -191,7 +196,7 @@ class Service:
     def _discovering(self) -> dict[str, timedelta]:
         return {t.name: t.discover.every for t in self.policy.targets if t.discover is not None}
 
-    def _apply(self, old: Policy) -> None:
+    def _apply(self, old: Policy, at_once: frozenset[str] = frozenset()) -> None:
         """Hand the effective policy to the runner, scheduler, leases and metrics; let go of the
         targets it no longer has. Call with _fleet_lock held."""
         new = self.effective()
@@ -207,7 +212,7 @@ class Service:
         self.metrics.keep_jobs({(j.target, j.job, j.item) for j in planned_jobs(new)})
         self.metrics.set_targets([t.name for t in new.targets])
         self.runner.policy = new
-        self.scheduler.apply(new)
+        self.scheduler.apply(new, at_once)
 
     def _discover(self, name: str) -> None:
         """List a discovering target's databases; pick up new ones, let dropped ones go."""
@@ -233,14 +238,17 @@ class Service:
             old_names = before.names() if before else set()
             new_names = found.names()
             if before is None or old_names != new_names:
-                self._apply(self.runner.policy)
+                # A database that appears while running reports at once; the first discovery's
+                # databases spread their first runs over their periods.
+                self._apply(self.runner.policy, frozenset(new_names - old_names) if before else frozenset())
         for database, why in found.skipped.items():
             if before is None or database not in before.skipped:
                 self.log.warning("database_skipped", target=name, database=database, reason=why)
         if before is None or old_names != new_names:
             self.log.info("targets_discovered", target=name, targets=len(new_names),
                           added=sorted(new_names - old_names), removed=sorted(old_names - new_names))
-        self.leases.rebalance()
+        home = fleet.lease_homes(self.policy, {name: found})
+        self.leases.rebalance([(name, home[name][0])] if name in home else [])
 
     # ------------------------------------------------------------------ health
 

@@ -68,6 +68,7 @@ WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %s::bigin
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 TRY_LOCK_SQL = "SELECT pg_try_advisory_lock(%s)"
+TRY_LOCKS_SQL = "SELECT k FROM unnest(%s::bigint[]) AS u(k) WHERE pg_try_advisory_lock(k) LIMIT %s"
 UNLOCK_SQL = "SELECT pg_advisory_unlock(%s)"
 # Shared: one replica may have several lease sessions in one database (targets of its own).
 PRESENCE_SQL = "SELECT pg_advisory_lock_shared(%s, %s)"
@@ -274,22 +275,46 @@ class Leases:
             return 0
         return math.ceil(len(members) / replicas)
 
-    def rebalance(self) -> list[str]:
-        """Release leases beyond this replica's fair share of each shared home (another replica
-        joined); returns the targets let go. Never two leaders: a lease is released before anyone
-        else can take it, so at worst a database has no leader until another replica's next run."""
-        released = []
-        with self._guard:
-            shared = [name for name in self._homes if name in self._members]
-        for home_name in shared:
-            share = self.fair_share(home_name)
-            with self._guard:
-                home = self._homes.get(home_name)
-                excess = sorted(home.held, key=lease_key)[share:] if home is not None else []
-            for name in excess:
-                self.release(name, reason="rebalanced")
-                released.append(name)
-        return released
+    def rebalance(self, homes: Iterable[tuple[str, Target]] = ()) -> tuple[list[str], list[str]]:
+        """Bring this replica to its fair share of each shared home: release the leases beyond it
+        (another replica joined), take free ones up to it (one left or died). Returns (released,
+        taken). Never two leaders: a lease is released before anyone else can take it, so at worst a
+        database has no leader until the next rebalance or run."""
+        released, taken = [], []
+        for home_name, home_target in homes:
+            with self._lock_for(home_name):
+                try:
+                    home = self._open(home_name, home_target)
+                except psycopg.Error:
+                    continue
+                self._verify(home_name)
+                share = self.fair_share(home_name)
+                with self._guard:
+                    members = self._members.get(home_name, ())
+                    total = sum(len(h.held) for h in self._homes.values())
+                excess = sorted(home.held, key=lease_key)[share:]
+                for name in excess:
+                    self.release(name, reason="rebalanced")
+                    released.append(name)
+                want = share - len(home.held)
+                if self._max is not None:
+                    want = min(want, self._max - total + len(excess))
+                free = [n for n in members if n not in home.held]
+                if want <= 0 or not free:
+                    continue
+                by_key = {lease_key(n): n for n in free}
+                try:
+                    # One statement, stopping at the first `want` locks it gets.
+                    rows = home.conn.execute(TRY_LOCKS_SQL, (list(by_key), want)).fetchall()
+                except psycopg.Error:
+                    self._verify(home_name)
+                    continue
+                for (key,) in rows:
+                    name = by_key[int(key)]
+                    home.held.add(name)
+                    taken.append(name)
+                    self._changed(name, "acquired", "free, within this replica's fair share")
+        return released, taken
 
     def confirm(self, target: Target) -> bool:
         """Before a write step: is the lease still ours (session alive, lock held by it)?"""
@@ -305,16 +330,19 @@ class Leases:
         """Take the target's fence shared on a run's session (held until that session closes);
         False while a run of an earlier leader may still be writing."""
         key = fence_key(target.name)
-        with self._guard:
-            clear = target.name in self._clear
-        if not clear:
-            # Exclusive once, in the target's own database where every run takes it shared.
-            row = run_conn.execute(TRY_LOCK_SQL, (key,)).fetchone()
-            if not (row and row[0]):
-                return False
-            run_conn.execute(UNLOCK_SQL, (key,))
+        # One run of this replica clears the fence; its sibling runs (other jobs of the target,
+        # started together) wait for that rather than mistake each other for an old leader's.
+        with self._lock_for(f"fence {target.name}"):
             with self._guard:
-                self._clear.add(target.name)
+                clear = target.name in self._clear
+            if not clear:
+                # Exclusive once, in the target's own database where every run takes it shared.
+                row = run_conn.execute(TRY_LOCK_SQL, (key,)).fetchone()
+                if not (row and row[0]):
+                    return False
+                run_conn.execute(UNLOCK_SQL, (key,))
+                with self._guard:
+                    self._clear.add(target.name)
         row = run_conn.execute(TRY_FENCE_SHARED_SQL, (key,)).fetchone()
         return bool(row and row[0])
 

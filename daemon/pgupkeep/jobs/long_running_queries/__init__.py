@@ -23,7 +23,7 @@ __all__ = ["KIND", "Activity", "Judgement", "Signal", "blocking", "judge", "meas
 
 def plan(ctx: JobContext) -> Plan:
     section: LongRunningQueriesSection = ctx.section
-    j = judge(measure(ctx.conn, section), section)
+    j = judge(measure(ctx.conn, section, ctx.target.log_query_text or "truncated"), section)
     terminating = {s.activity.pid for s in j.signals if s.action == "terminate_backend"}
     chains = blocking.judge(blocking.read(ctx.conn, section), section, terminating)
     errors = []

@@ -7,7 +7,7 @@ Only the target's database is read, unless the section's `scope` is `server`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,9 +17,8 @@ from psycopg.rows import kwargs_row
 from pgupkeep.db import APPLICATION_NAME
 from pgupkeep.policy import LongRunningQueriesSection
 from pgupkeep.results import Finding, Sample
-from pgupkeep.units import format_duration
+from pgupkeep.units import format_duration, query_text, query_text_read_limit
 
-QUERY_TEXT_LIMIT = 1000
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 STATES = ("active", "idle_in_transaction")  # the bounded `state` label values
 
@@ -134,10 +133,16 @@ class Judgement:
     signals: list[Signal]
 
 
-def measure(conn: psycopg.Connection, section: LongRunningQueriesSection) -> list[Activity]:
+def measure(conn: psycopg.Connection, section: LongRunningQueriesSection, log_query_text: str = "truncated") -> list[Activity]:
+    """The sessions in scope, their query text already cut to what `log_query_text` allows."""
     with conn.cursor(row_factory=kwargs_row(Activity)) as cur:
-        params = {"query_limit": QUERY_TEXT_LIMIT, "app": APPLICATION_NAME, "server_scope": section.scope == "server"}
-        return cur.execute(MEASURE_SQL, params).fetchall()
+        params = {
+            "query_limit": query_text_read_limit(log_query_text),
+            "app": APPLICATION_NAME,
+            "server_scope": section.scope == "server",
+        }
+        rows = cur.execute(MEASURE_SQL, params).fetchall()
+    return [replace(a, query=query_text(a.query, log_query_text)) for a in rows]
 
 
 def hidden(conn: psycopg.Connection, section: LongRunningQueriesSection) -> tuple[int, str]:
@@ -179,7 +184,7 @@ def judge(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Judge
         if a.age_seconds <= warn.total_seconds():
             continue
         flagged[kind] += 1
-        findings.append(_finding(a, warn))
+        findings.append(_finding(a, warn, section))
         if not signallable(a):
             continue
         cancel, terminate = section.cancel_after, section.terminate_after
@@ -199,18 +204,21 @@ def judge(rows: Sequence[Activity], section: LongRunningQueriesSection) -> Judge
     return Judgement(findings, samples, signals)
 
 
-def _finding(a: Activity, warn: timedelta) -> Finding:
+def _finding(a: Activity, warn: timedelta, section: LongRunningQueriesSection) -> Finding:
     age = seconds(a.age_seconds)
+    # A hint to set a key only while it is unset: once set, the signal's own event says what it did.
     if a.kind == "active":
         kind = "long_running_query"
         what = f"query active for {age:g}s, over warn_after {format_duration(warn)}"
-        hint = "check it in pg_stat_activity; set cancel_after to have such queries cancelled"
+        hint = "check it in pg_stat_activity"
+        if section.cancel_after is None:
+            hint += "; set cancel_after to have such queries cancelled"
     else:
         kind = "idle_in_transaction"
         what = f"{a.state} for {age:g}s, over idle_in_transaction_after {format_duration(warn)}"
-        hint = (
-            "the application should commit or roll back; set terminate_after to end such sessions"
-        )
+        hint = "the application should commit or roll back"
+        if section.terminate_after is None:
+            hint += "; set terminate_after to end such sessions"
     return Finding(
         kind=kind,
         object=a.object,
