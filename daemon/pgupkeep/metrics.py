@@ -44,8 +44,11 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "long_running_queries": (("state",), "Sessions over threshold, by state (active, idle_in_transaction)."),
     "longest_query_seconds": (("state",), "Age of the oldest session over threshold in that state."),
     "oldest_transaction_seconds": ((), "Age of the oldest open transaction of a client backend."),
-    "connections": (("state",), "Sessions by state."),
-    "connections_max": ((), "The server's max_connections."),
+    "lock_waiting_sessions": ((), "Sessions waiting on a lock longer than lock_wait_after."),
+    "longest_lock_wait_seconds": ((), "Longest current wait of a session on a lock."),
+    "connections": (("state",), "Client sessions of the target's database, by state."),
+    "connections_max": (("server",), "The server's max_connections (server: host:port/system identifier)."),
+    "server_connections": (("server",), "Client sessions of the whole server, every database (server: host:port/system identifier)."),
     "bloated_tables": ((), "Tables over any bloat threshold."),
     "table_dead_tuples": (("table",), "Dead tuples (worst report_top tables)."),
     "table_dead_tuple_ratio": (("table",), "Dead tuples / all tuples, 0-1 (worst report_top tables)."),
@@ -55,15 +58,15 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "invalid_indexes": ((), "Invalid indexes."),
     "unused_indexes": ((), "Unused indexes over the size threshold."),
     "database_size_bytes": ((), "Database size in bytes."),
-    "replication_slot_retained_bytes": (("slot",), "WAL a replication slot keeps, in bytes (worst report_top slots)."),
-    "replication_slot_active": (("slot",), "1 if a consumer is connected to the replication slot."),
-    "replication_lag_seconds": (("standby", "kind"), "A standby's write, flush and replay lag as the primary sees it."),
-    "standby_replay_delay_seconds": ((), "On a standby: how far replay is behind the WAL it has received (0 when caught up)."),
+    "replication_slot_retained_bytes": (("slot", "server"), "WAL a replication slot keeps, in bytes (worst report_top slots)."),
+    "replication_slot_active": (("slot", "server"), "1 if a consumer is connected to the replication slot."),
+    "replication_lag_seconds": (("standby", "kind", "server"), "A standby's write, flush and replay lag as the primary sees it."),
+    "standby_replay_delay_seconds": (("server",), "On a standby: how far replay is behind the WAL it has received (0 when caught up)."),
     "sequence_used_ratio": (("sequence",), "Share of its range a sequence has used, capped by the column type it feeds (worst report_top)."),
     "sequences_unreadable": ((), "Sequences whose value this role may not read (no SELECT or USAGE), so not judged."),
     "xmin_horizon_age": (("holder_kind",), "Age in transactions of the oldest xmin holder of each kind (0: none)."),
     "table_freeze_age": (("table",), "age(relfrozenxid) of the worst report_top tables by share of their freeze max age."),
-    "health_findings": (("kind",), "Findings of each kind in the last health run (alerts read these: the thresholds are the policy's)."),
+    "health_findings": (("kind", "server"), "Findings of each kind in the last health run (alerts read these: the thresholds are the policy's)."),
 }
 
 
@@ -339,7 +342,8 @@ class Metrics:
             self.matview_refreshes.labels(t, str(detail.get("view", "")), str(detail.get("mode", "")), str(detail["outcome"])).inc()
         elif kind in ("cancel_backend", "terminate_backend"):
             dry = bool(detail.get("dry_run"))
-            if applied or dry:
+            # A dry run reports a still-running session on every run; it is counted once.
+            if applied or (dry and not detail.get("repeat")):
                 self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
         elif kind == "vacuum_table" and applied:
             self.tables_vacuumed.labels(t).inc()

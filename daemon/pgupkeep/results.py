@@ -40,6 +40,7 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "lock_wait",
     "replication_slot_inactive",
     "replication_slot_wal_retained",
     "replication_slot_lost",

@@ -94,12 +94,19 @@ def read(conn: psycopg.Connection) -> Replication:
     return Replication(server=server, slots=slots, standbys=standbys)
 
 
-def judge(rep: Replication, section: HealthSection, now: datetime, memo: MutableMapping[str, Any]) -> JobOutput:
+def judge(
+    rep: Replication, section: HealthSection, now: datetime, memo: MutableMapping[str, Any], server: str = ""
+) -> JobOutput:
+    """Slots, standbys and replay belong to the server, not to the target's database: their series
+    carry the `server` label (as connections_max does), so `max by (server)` counts them once
+    however many targets (databases) of that server report them."""
     out = JobOutput()
     out.extend(_slots(rep.slots, section, now, memo))
     out.extend(_standbys(rep.standbys, section))
     if rep.server["in_recovery"]:
         out.extend(_replay(rep.server, section))
+    out.samples = [Sample(s.metric, s.value, {**s.labels, "server": server}) for s in out.samples]
+    out.findings = [Finding(f.kind, f.object, f.value, f.message, {**f.detail, "server": server}) for f in out.findings]
     return out
 
 
