@@ -41,6 +41,16 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "lock_wait",
+    "replication_slot_inactive",
+    "replication_slot_wal_retained",
+    "replication_slot_lost",
+    "replication_lag",
+    "sequence_exhausting",
+    "xmin_horizon_held",
+    "prepared_transaction_old",
+    "table_freeze_age",
+    "autovacuum_lagging",
     "partition_key_exhausting",
 )
 
