@@ -23,6 +23,7 @@ _ACTION_EVENTS = {
     "cancel_backend": "backend_signalled",
     "terminate_backend": "backend_signalled",
     "vacuum_table": "table_vacuumed",
+    "run_sql": "sql_run",
 }
 _FINDING_EVENTS = {
     "long_running_query": ("long_running_query", "warning"),

@@ -55,6 +55,9 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "invalid_indexes": ((), "Invalid indexes."),
     "unused_indexes": ((), "Unused indexes over the size threshold."),
     "database_size_bytes": ((), "Database size in bytes."),
+    "sql_last_success_timestamp_seconds": (("name",), "Unix time a named statement last ran to the end without error."),
+    "sql_last_duration_seconds": (("name",), "Duration of a named statement's last successful run (all its batches)."),
+    "sql_period_seconds": (("name",), "Longest time between two scheduled runs of a named statement."),
 }
 
 
@@ -141,6 +144,21 @@ class Metrics:
             p + "job_missed_total", "Runs not started because the scheduler was late past misfire_grace.",
             ["target", "job"], registry=r,
         )  # fmt: skip
+        self.sql_rows = Counter(
+            p + "sql_rows_total", "Rows affected by named statements (every batch that committed).",
+            ["target", "name"], registry=r,
+        )  # fmt: skip
+        self.history_write_failures = Counter(
+            p + "history_write_failures_total",
+            "Failed attempts to write the run history: unavailable (its database did not answer; the "
+            "rows wait and are retried) or rejected (it refused the rows).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.history_rows_dropped = Counter(
+            p + "history_rows_dropped_total",
+            "Job runs that will not be in the run history: queue_full, rejected, shutdown.",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.last = LastResults()
         r.register(self.last)
         ProcessCollector(registry=r)
@@ -214,6 +232,16 @@ class Metrics:
             self.job_missed.labels(target, job).inc()
             self._changed()
 
+    def history_write_failed(self, reason: str, attempts: int = 1) -> None:
+        with self._lock:
+            self.history_write_failures.labels(reason).inc(attempts)
+            self._changed()
+
+    def history_rows_dropped(self, reason: str, rows: int) -> None:
+        with self._lock:
+            self.history_rows_dropped.labels(reason).inc(rows)
+            self._changed()
+
     def forget_target(self, target: str) -> None:
         """Remove every series of a target that left the policy."""
         with self._lock:
@@ -236,7 +264,7 @@ class Metrics:
             self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,
             self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
             self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.lease_changes,
-            self.job_missed,
+            self.job_missed, self.sql_rows,
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ results
@@ -285,6 +313,9 @@ class Metrics:
                 self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
         elif kind == "vacuum_table" and applied:
             self.tables_vacuumed.labels(t).inc()
+        elif kind == "run_sql" and "batches" in detail:  # a run that began (not a plan's action)
+            rows = detail.get("rows")
+            self.sql_rows.labels(t, str(detail.get("name", ""))).inc(rows if isinstance(rows, int) and rows > 0 else 0)
 
 
 def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pgupkeep.policy_types import (
     Dsn,
@@ -17,16 +17,35 @@ from pgupkeep.policy_types import (
     RetentionText,
     ScheduleText,
     Size,
+    SqlText,
     TargetName,
     TimezoneName,
 )
 from pgupkeep.schedules import Schedule, parse_schedule
+from pgupkeep.sqltext import read_statement
+from pgupkeep.units import QualifiedName, Retention, parse_retention
 
-JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health", "sql")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class HistoryPolicy(_Model):
+    dsn: Dsn
+    """The database that keeps the history (libpq URI or key=value string; PG* variables apply)."""
+    table: RelationName = QualifiedName("pgupkeep", "job_runs")
+    """Schema-qualified table of the history; pgupkeep creates the schema and table if missing."""
+    retention: RetentionText = parse_retention("30 days")
+    """Rows older than this are deleted (hourly, in batches): an age such as 30 days or 6 months."""
+
+    @field_validator("retention")
+    @classmethod
+    def _an_age(cls, value: Retention) -> Retention:
+        if value.integer is not None:
+            raise ValueError("must be an age such as 30 days or 6 months")
+        return value
 
 
 class DaemonPolicy(_Model):
@@ -50,6 +69,8 @@ class DaemonPolicy(_Model):
     """Random delay added to each scheduled run, to spread a fleet."""
     misfire_grace: Duration = Field(timedelta(seconds=30))
     """A run that could not start within this of its scheduled time is skipped."""
+    history: HistoryPolicy | None = None
+    """Write one row per job run (every kind) into a table of this database (off unless set)."""
 
     @property
     def zone(self) -> ZoneInfo:
@@ -166,6 +187,81 @@ class HealthSection(_Model):
     """Finding connections_high above this share of max_connections."""
 
 
+SqlParam = str | int | float | bool | None
+
+
+class SqlJob(_Model):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,63}$")]
+    """Unique name of the statement in its target ([a-z0-9_-]); the `name` label and the run's item."""
+    schedule: ScheduleText
+    """When the statement runs: cron (also @hourly, @daily, @weekly, @monthly, @yearly) or every <duration>; a cron schedule fires at its times only, `every` also at start-up."""
+    sql: SqlText
+    """Exactly one SQL statement, run as written; `$1`, `$2` ... are the params below."""
+    params: tuple[SqlParam, ...] = Field((), validate_default=True)
+    """Values of `$1`, `$2` ..., bound as query parameters (never spliced into the text)."""
+    timeout: Duration | None = None
+    """statement_timeout of each batch (default: the target's statement_timeout)."""
+    transaction: bool = Field(True, validate_default=True)
+    """Run each batch in a transaction; false runs it in autocommit (VACUUM, CREATE INDEX CONCURRENTLY, CALL of a procedure that commits)."""
+    writes: bool = True
+    """The statement writes: skipped on a standby. false runs it on a standby too, in a read-only session."""
+    repeat_until_rows_below: int | None = Field(None, ge=1)
+    """Batching: run again while a batch affects at least this many rows (each batch its own transaction); off unless set."""
+    max_batches: int = Field(100, ge=1, le=100_000)
+    """Batching: at most this many batches per run."""
+    pause_between_batches: Duration = timedelta(0)
+    """Batching: pause between two batches (a shutdown cuts it short)."""
+    explain: bool = Field(False, validate_default=True)
+    """`pgupkeep plan` also prints the statement's EXPLAIN (never EXPLAIN ANALYZE: nothing runs)."""
+
+    @field_validator("params")
+    @classmethod
+    def _params_match(cls, value: tuple[SqlParam, ...], info: ValidationInfo) -> tuple[SqlParam, ...]:
+        if "sql" not in info.data:
+            return value
+        used = read_statement(info.data["sql"]).params
+        wanted = set(range(1, len(value) + 1))
+        if used - wanted:
+            missing = ", ".join(f"${n}" for n in sorted(used - wanted))
+            raise ValueError(f"the sql uses {missing} but params lists {len(value)} values")
+        if wanted - used:
+            unused = ", ".join(f"${n}" for n in sorted(wanted - used))
+            raise ValueError(f"the sql does not use {unused}; list exactly the values of $1..${len(value)}")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("must be longer than 0s")
+        return value
+
+    @field_validator("transaction")
+    @classmethod
+    def _fits_a_transaction(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "sql" in info.data and (why := read_statement(info.data["sql"]).needs_autocommit()):
+            raise ValueError(f"{why}; set transaction: false")
+        return value
+
+    @field_validator("explain")
+    @classmethod
+    def _explainable(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "sql" in info.data and not read_statement(info.data["sql"]).explainable:
+            raise ValueError("only SELECT, INSERT, UPDATE, DELETE, MERGE, VALUES, TABLE and WITH statements have a plan to explain")
+        return value
+
+
+class SqlSection(_Model):
+    jobs: tuple[SqlJob, ...] = ()
+    """The named statements, each on its own schedule."""
+
+    def job(self, name: str) -> SqlJob:
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(name)
+
+
 class Target(_Model):
     name: TargetName
     """Unique name of the target ([a-z0-9_-]); the `target` label."""
@@ -191,6 +287,8 @@ class Target(_Model):
     """Flag (and optionally vacuum) bloated tables."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size."""
+    sql: SqlSection | None = None
+    """Named SQL statements on their own schedules, with timeouts, lock budgets and batching."""
 
     def section(self, kind: str) -> BaseModel | None:
         return getattr(self, kind)

@@ -8,8 +8,10 @@ from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from pgupkeep.schedules import Schedule, parse_schedule
+from pgupkeep.sqltext import SqlTextError, read_statement
 from pgupkeep.units import (
     QualifiedName,
     Retention,
@@ -124,3 +126,20 @@ def _parse_dsn(value: object) -> str:
 
 Dsn = Annotated[str, PlainValidator(_parse_dsn), WithJsonSchema({"type": "string", "examples": ["${SHOP_DATABASE_URL}"]})]
 TargetName = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,63}$")]
+
+
+def _parse_sql(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a SQL statement (a string)")
+    try:
+        return read_statement(value).text
+    except SqlTextError as exc:
+        # Where in the text: the policy loader turns it into the file's line and column.
+        raise PydanticCustomError("sql_text", "{message}", {"message": str(exc), "line": exc.line, "column": exc.column}) from None
+
+
+SqlText = Annotated[
+    str,
+    PlainValidator(_parse_sql),
+    WithJsonSchema({"type": "string", "minLength": 1, "description": "exactly one SQL statement"}),
+]

@@ -18,11 +18,14 @@ from pgupkeep.policy import (
     BloatSection,
     DaemonPolicy,
     HealthSection,
+    HistoryPolicy,
     LongRunningQueriesSection,
     MaterializedViewsSection,
     PartitionsSection,
     PartitionTable,
     SessionSettings,
+    SqlJob,
+    SqlSection,
     Target,
     ViewPolicy,
     policy_schema,
@@ -31,6 +34,7 @@ from pgupkeep.units import format_duration
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("daemon", DaemonPolicy),
+    ("daemon.history", HistoryPolicy),
     ("defaults (and each target)", SessionSettings),
     ("targets[]", Target),
     ("targets[].partitions", PartitionsSection),
@@ -40,6 +44,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("targets[].long_running_queries", LongRunningQueriesSection),
     ("targets[].bloat", BloatSection),
     ("targets[].health", HealthSection),
+    ("targets[].sql", SqlSection),
+    ("targets[].sql.jobs[]", SqlJob),
 ]
 
 
@@ -69,7 +75,8 @@ def markdown() -> str:
         "",
         "Durations: `500ms`, `30s`, `5m`, `2h`, `1d`, `1w`. Sizes: `512kB`, `10MB`, `1GB` or bytes.",
         'Schedules: five-field cron in `daemon.timezone` (weekdays as in cron: 0 and 7 are Sunday; when',
-        "day-of-month and day-of-week are both restricted a run happens when either matches) or",
+        "day-of-month and day-of-week are both restricted a run happens when either matches), a cron macro",
+        "(`@hourly`, `@daily`/`@midnight`, `@weekly`, `@monthly`, `@yearly`/`@annually`) or",
         "`every <duration>` (at least 1s). `${VAR}` and `${VAR:-default}` are expanded in every string.",
         "Unknown keys are errors. Top level: `version: 1`, `daemon`, `defaults`, `targets`.",
         "",

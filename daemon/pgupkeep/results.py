@@ -24,6 +24,7 @@ ACTIONS = (
     "cancel_backend",
     "terminate_backend",
     "vacuum_table",
+    "run_sql",
 )
 FINDINGS = (
     "long_running_query",
@@ -139,6 +140,10 @@ class Plan:
 
     `settle(applied)` (optional) gives what depends on which steps were applied, such as the
     gauges as they stand after the run; `pgupkeep plan` calls it with no step applied.
+
+    A step may insert steps into `steps` right after itself while it is applied (a statement's
+    next batch, known only once this one ran): the runner takes the steps in list order as it goes,
+    fencing each.
     """
 
     steps: list[Step] = field(default_factory=list)

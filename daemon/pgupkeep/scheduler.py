@@ -28,6 +28,7 @@ class PlannedJob:
     job: str
     items: tuple[str, ...] | None
     schedule: Schedule
+    at_start: bool = True
 
     @property
     def item(self) -> str | None:
@@ -41,9 +42,11 @@ def planned_jobs(policy: Policy) -> list[PlannedJob]:
     for target in policy.targets:
         for job in target.job_kinds():
             kind = REGISTRY[job]
-            for items, schedule in kind.schedule_groups(target.section(job)):
-                suffix = f":{schedule}" if items is not None else ""
-                out.append(PlannedJob(f"{target.name}:{job}{suffix}", target.name, job, items, schedule))
+            for group in kind.schedule_groups(target.section(job)):
+                suffix = f":{group.key}" if group.key else ""
+                out.append(
+                    PlannedJob(f"{target.name}:{job}{suffix}", target.name, job, group.items, group.schedule, group.at_start)
+                )
     return out
 
 
@@ -111,6 +114,9 @@ class Scheduler:
             if job_id in self._jobs:
                 continue
             trigger = planned.schedule.trigger(policy.daemon.zone, policy.daemon.jitter)
+            # Run once at start-up, then on schedule: a fresh daemon reports at once. A kind may
+            # ask for its schedule only (a sql statement on a cron schedule runs at its times).
+            first = {"next_run_time": datetime.now(policy.daemon.zone)} if planned.at_start else {}
             self._sched.add_job(
                 self._run,
                 trigger=trigger,
@@ -118,8 +124,7 @@ class Scheduler:
                 id=job_id,
                 name=job_id,
                 replace_existing=True,
-                # Run once at start-up, then on schedule: a fresh daemon reports at once.
-                next_run_time=datetime.now(policy.daemon.zone),
+                **first,
             )
             self._jobs[job_id] = planned
 

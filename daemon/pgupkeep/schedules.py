@@ -18,8 +18,19 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pgupkeep.units import DURATION_HELP, parse_duration
 
 SCHEDULE_HELP = (
-    'must be a five-field cron expression such as "15 * * * *" or "every <duration>" such as "every 30s"'
+    'must be a five-field cron expression such as "15 * * * *", a cron macro such as "@daily", '
+    'or "every <duration>" such as "every 30s"'
 )
+# cron's (and pg_cron's) shorthands; @reboot has no meaning for a daemon that runs on schedules.
+CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 _DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 
 
@@ -175,7 +186,7 @@ def parse_schedule(value: object) -> Schedule:
         if every < timedelta(seconds=1):
             raise ValueError("must not fire more often than every second")
         return Schedule(text=text, every=every)
-    fields = text.split(" ")
+    fields = CRON_MACROS.get(text.lower(), text).split(" ")
     if len(fields) != 5:
         raise ValueError(SCHEDULE_HELP)
     minute, hour, day, month, dow = fields
@@ -192,3 +203,27 @@ def parse_schedule(value: object) -> Schedule:
     except ValueError as exc:
         raise ValueError(f"{SCHEDULE_HELP}: {exc}") from None
     return schedule
+
+
+def longest_gap(schedule: Schedule, timezone: tzinfo, now: datetime, limit: int = 2000) -> timedelta:
+    """The longest time between two consecutive runs, looking ahead from `now`.
+
+    `period()` is a coarse upper bound for cron schedules ("*/10 * * * *" gives an hour); this
+    walks the real fire times over twice that bound (at most `limit` of them), so a weekday job's
+    longest gap is the weekend and a ten-minute job's is ten minutes.
+    """
+    if schedule.every is not None:
+        return schedule.every
+    trigger = schedule.trigger(timezone)
+    horizon = now + 2 * schedule.period()
+    previous = trigger.get_next_fire_time(None, now)
+    gap = timedelta(0)
+    for _ in range(limit):
+        if previous is None or previous > horizon:
+            break
+        following = trigger.get_next_fire_time(previous, previous)
+        if following is None:
+            break
+        gap = max(gap, following - previous)
+        previous = following
+    return gap or schedule.period()
