@@ -348,6 +348,9 @@ METRIC_NAMES = frozenset(
         "pgupkeep_tables_vacuumed_total",
         "pgupkeep_lease_changes_total",
         "pgupkeep_job_missed_total",
+        "pgupkeep_sql_rows_total",
+        "pgupkeep_history_write_failures_total",
+        "pgupkeep_history_rows_dropped_total",
     }
 )
 # The standard process_* families of prometheus_client's ProcessCollector (Linux).
