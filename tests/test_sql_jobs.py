@@ -28,6 +28,7 @@ from pgupkeep.results import Action, ItemError, JobOutput, Sample
 from pgupkeep.runner import Runner, execute_job
 from pgupkeep.scheduler import planned_jobs
 from pgupkeep.sqltext import SqlTextError, read_statement
+from test_runner import standby  # noqa: F401  (the fixture: a streaming standby of the test server)
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 # A nap inside a statement makes each batch's transaction last long enough to be seen from outside.
@@ -562,15 +563,27 @@ def test_two_replicas_never_run_a_statement_at_once(fresh_database: str, tmp_pat
     assert survivor.find("lease_acquired") and survivor.find("sql_run", object="tick")
 
 
-def test_a_writing_statement_is_skipped_on_a_standby_and_a_reading_one_runs() -> None:
-    # Decided per statement: a run of only writing statements is skipped as the kind would be.
-    target = target_for("host=unused", [
-        {"name": "w", "schedule": "@daily", "sql": "DELETE FROM t"},
-        {"name": "r", "schedule": "@daily", "sql": "SELECT 1", "writes": False},
-    ])  # fmt: skip
-    assert sql_kind.KIND.writes_for(target.sql, ("w",)) is True
-    assert sql_kind.KIND.writes_for(target.sql, ("r",)) is False
-    assert sql_kind.KIND.writes_for(target.sql, None) is False  # `once`: the reader runs, the writer is skipped
+def test_a_writing_statement_is_skipped_on_a_standby_and_a_reading_one_runs(database: str, standby: str) -> None:  # noqa: F811
+    policy = parse_policy(
+        json.dumps({"version": 1, "targets": [{"name": "replica", "dsn": "${DSN}", "sql": {"jobs": [
+            {"name": "purge", "schedule": "@daily", "sql": "DELETE FROM app.nothing"},
+            {"name": "count", "schedule": "@daily", "sql": "SELECT count(*) FROM pg_class", "writes": False},
+        ]}}]}),  # fmt: skip
+        environ={"DSN": standby},
+    )
+    runner = Runner(policy)
+    # Each statement is its own scheduler job: the writing one is skipped as the kind would be...
+    purge = runner.run("replica", "sql", ("purge",))
+    assert (purge.outcome, purge.reason, purge.actions) == ("skipped", "standby", ())
+    # ... the reading one runs there, in a read-only session.
+    count = runner.run("replica", "sql", ("count",))
+    assert count.outcome == "success" and count.actions[0].detail["outcome"] == "success"
+    # `once` runs both: the reader runs, the writer says why it did not.
+    both = runner.run("replica", "sql")
+    assert both.outcome == "success"
+    assert [(a.object, a.applied, a.detail["outcome"], a.detail.get("reason")) for a in both.actions] == [
+        ("purge", False, "skipped", "standby"), ("count", True, "success", None),
+    ]  # fmt: skip
 
 
 def test_the_runner_reports_the_statement_as_the_item_of_its_run(database: str, app: psycopg.Connection) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 
 from pgupkeep import db
+from pgupkeep.db import LockTimeoutError
 from pgupkeep.jobs.base import JobContext, JobKind, ScheduleGroup
 from pgupkeep.jobs.sql.batches import StatementRun, error_message, explain
 from pgupkeep.policy import SqlJob, SqlSection
@@ -107,12 +108,14 @@ def _batch_step(
     def apply() -> JobOutput:
         try:
             rows = run.batch(ctx, connect)
-        except Exception as exc:
+        except (psycopg.Error, LockTimeoutError) as exc:
             if ctx.stopping():
                 raise  # a shutdown cancelled it: the runner reports the run cancelled
             message = error_message(run, exc)
             run.finish("failure")
             return JobOutput(errors=[ItemError(run.name, message)])
+        # Anything else (the runner's stop: a shutdown in a retry's pause, a lease lost while the
+        # session opened) goes to the runner, which ends the run there; settle closes the session.
         if not run.wants_more(rows):
             run.finish("success")
             return JobOutput()

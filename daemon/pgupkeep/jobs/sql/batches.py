@@ -154,6 +154,8 @@ def error_message(run: StatementRun, exc: BaseException) -> str:
         return f"{where} did not finish within timeout {format_duration(run.timeout)}; raise timeout, or batch the statement"
     if not isinstance(exc, psycopg.Error):
         return f"{where} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:  # no answer from the server
+        return f"{where} failed: {str(exc).strip()}"
     state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
     text = (exc.diag.message_primary or str(exc)).strip()
     hint = _HINTS.get(type(exc))
