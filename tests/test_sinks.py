@@ -34,6 +34,7 @@ def value(m: Metrics, name: str, **labels: str) -> float | None:
 
 def test_counters_come_from_actions_and_findings():
     m = Metrics()
+    m.lease_changed("shop", "acquired")  # leadership moves with the lease, not with results
     m.record(
         result(
             actions=(

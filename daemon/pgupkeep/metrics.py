@@ -95,6 +95,35 @@ class LastResults(Collector):
         return [f for f in families.values() if f.samples]
 
 
+class TargetStates(Collector):
+    """pgupkeep_targets{state}: how many of this replica's targets it leads, follows, cannot reach
+    (a fleet-level figure that stays one series per state however many databases there are)."""
+
+    STATES = ("leading", "following", "unreachable")
+
+    def __init__(self) -> None:
+        self.targets: set[str] = set()
+        self.up: dict[str, bool] = {}
+        self.leader: dict[str, bool] = {}
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("pgupkeep_targets", "Targets by state in this replica.", labels=["state"])]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        counts = dict.fromkeys(self.STATES, 0)
+        for t in self.targets:
+            if self.up.get(t) is False:
+                counts["unreachable"] += 1
+            elif self.leader.get(t):
+                counts["leading"] += 1
+            else:
+                counts["following"] += 1
+        family = GaugeMetricFamily("pgupkeep_targets", "Targets by state in this replica.", labels=["state"])
+        for state, n in counts.items():
+            family.add_metric([state], n)
+        return [family]
+
+
 class Metrics:
     """The metric objects, in a registry of their own (a fresh one per test)."""
 
@@ -161,6 +190,8 @@ class Metrics:
         )  # fmt: skip
         self.last = LastResults()
         r.register(self.last)
+        self.states = TargetStates()
+        r.register(self.states)
         ProcessCollector(registry=r)
         self._lock = threading.RLock()
         # content type -> (encoder, rendered body). A scrape sends these bytes and never renders
@@ -168,6 +199,7 @@ class Metrics:
         # change, at most once every `render_every` seconds and never more than ~2 % of a core.
         self._pages: dict[str, tuple[Any, bytes]] = {}
         self._dirty = threading.Event()
+        self._urgent = threading.Event()  # a leadership change: render now, not after the pause
         self._renderer: threading.Thread | None = None
         self.render_every = render_every
 
@@ -197,7 +229,8 @@ class Metrics:
                     self._pages[content_type] = (encoder, encoder(self.registry))
             spent = time.monotonic() - started
             # Changes during the pause are picked up by the next rendering: coalesced, not queued.
-            time.sleep(max(self.render_every, 50 * spent))
+            self._urgent.wait(max(self.render_every, 50 * spent))
+            self._urgent.clear()
 
     def _changed(self) -> None:
         self._dirty.set()
@@ -213,6 +246,15 @@ class Metrics:
     def set_target_up(self, target: str, up: bool) -> None:
         with self._lock:
             self.target_up.labels(target).set(1 if up else 0)
+            self.states.up[target] = up
+            self._changed()
+
+    def set_targets(self, names: list[str]) -> None:
+        """The targets this replica schedules (discovered databases included)."""
+        with self._lock:
+            self.states.targets = set(names)
+            self.states.up = {k: v for k, v in self.states.up.items() if k in self.states.targets}
+            self.states.leader = {k: v for k, v in self.states.leader.items() if k in self.states.targets}
             self._changed()
 
     def overrun(self, target: str, job: str) -> None:
@@ -225,7 +267,10 @@ class Metrics:
         with self._lock:
             self.lease_changes.labels(target, change).inc()
             self.target_leader.labels(target).set(1 if change == "acquired" else 0)
+            self.states.leader[target] = change == "acquired"
             self._changed()
+            # Who leads must not read stale: two replicas' pages could otherwise both say 1.
+            self._urgent.set()
 
     def missed(self, target: str, job: str) -> None:
         with self._lock:
@@ -274,8 +319,12 @@ class Metrics:
         with self._lock:
             if result.target_up is not None:
                 self.target_up.labels(t).set(1 if result.target_up else 0)
-            if result.leader is not None:
-                self.target_leader.labels(t).set(1 if result.leader else 0)
+                self.states.up[t] = result.target_up
+            if result.leader is False and not self.states.leader.get(t):
+                # Leadership itself moves with lease changes (lease_changed); a run that found
+                # this replica not leading only makes the series exist.
+                self.target_leader.labels(t).set(0)
+                self.states.leader[t] = False
             if not result.applied:  # `plan` changes nothing and counts nothing
                 self._changed()
                 return
@@ -348,6 +397,7 @@ METRIC_NAMES = frozenset(
         "pgupkeep_tables_vacuumed_total",
         "pgupkeep_lease_changes_total",
         "pgupkeep_job_missed_total",
+        "pgupkeep_targets",
         "pgupkeep_sql_rows_total",
         "pgupkeep_history_write_failures_total",
         "pgupkeep_history_rows_dropped_total",
