@@ -41,6 +41,7 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "lock_wait",
 )
 
 
