@@ -198,8 +198,8 @@ targets:
         f"{f}:10:11: targets[0].sql.jobs[1].name: duplicate name 'purge' (also jobs[0])",
         f"{f}:14:13: targets[0].sql.jobs[1].sql: holds more than one statement: the second begins at line 2, column 1 "
         "of the SQL ('ANALYZE app.events'); give each statement an entry of its own",
-        f"{f}:16:11: targets[0].sql.jobs[2].schedule: must be a five-field cron expression such as \"15 * * * *\", a cron "
-        'macro such as "@daily", or "every <duration>" such as "every 30s": Error validating expression \'61\': the last '
+        f"{f}:16:11: targets[0].sql.jobs[2].schedule: must be a five-field cron expression such as \"15 * * * *\", a macro "
+        'such as @daily, or "every <duration>" such as "every 30s": Error validating expression \'61\': the last '
         "value (61) is higher than the maximum value (59)",
         f"{f}:17:17: targets[0].sql.jobs[2].sql: is empty: write one SQL statement (comments and quoted text alone are not one)",
         f"{f}:19:11: targets[0].sql.jobs[3].transaction: cannot run inside a transaction block: VACUUM; set transaction: false",
