@@ -4,6 +4,8 @@ creates; never blocks or fails a job; survives its database being down; keeps it
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from daemon_helpers import Daemon, wait_until, write_policy
+from daemon_helpers import REPO, Daemon, wait_until, write_policy
 from pgupkeep.history import History
 from pgupkeep.pgserver import LocalServer, free_port
 from pgupkeep.policy import HistoryPolicy
@@ -250,3 +252,14 @@ def test_the_history_survives_its_database_being_down(fresh_database: str, histo
     # Nothing was lost: the rows of the outage waited in the queue.
     got = rows(dsn)
     assert Counter((t, j, i, o) for t, j, i, o, *_ in got) == _runs(d)
+
+
+def test_once_writes_its_runs_to_the_history_too(fresh_database: str, history_db: str, tmp_path: Path) -> None:
+    target = {"name": "shop", "dsn": fresh_database, "sql": {"jobs": [{"name": "tick", "schedule": "@daily", "sql": "SELECT 1"}]}}
+    config = write_policy(tmp_path / "p.yaml", [target], listen="127.0.0.1:0", history={"dsn": history_db})
+    for command in ("plan", "once"):  # `plan` changes nothing and writes no row
+        done = subprocess.run(
+            [sys.executable, "-m", "pgupkeep", command, "--config", str(config)], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    assert [(t, j, i, o) for t, j, i, o, *_ in rows(history_db)] == [("shop", "sql", None, "success")]
