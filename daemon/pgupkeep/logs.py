@@ -41,6 +41,15 @@ _FINDING_EVENTS = {
     "table_skipped_locked": ("table_skipped_locked", "info"),
     "matview_refresh_skipped": ("matview_refresh_skipped", "info"),
     "lock_wait": ("lock_wait", "warning"),
+    "replication_slot_inactive": ("replication_slot_inactive", "warning"),
+    "replication_slot_wal_retained": ("replication_slot_wal_retained", "warning"),
+    "replication_slot_lost": ("replication_slot_lost", "error"),
+    "replication_lag": ("replication_lag", "warning"),
+    "sequence_exhausting": ("sequence_exhausting", "warning"),
+    "xmin_horizon_held": ("xmin_horizon_held", "warning"),
+    "prepared_transaction_old": ("prepared_transaction_old", "warning"),
+    "table_freeze_age": ("table_freeze_age", "warning"),
+    "autovacuum_lagging": ("autovacuum_lagging", "warning"),
 }
 
 

@@ -42,6 +42,15 @@ FINDINGS = (
     "table_skipped_locked",
     "matview_refresh_skipped",
     "lock_wait",
+    "replication_slot_inactive",
+    "replication_slot_wal_retained",
+    "replication_slot_lost",
+    "replication_lag",
+    "sequence_exhausting",
+    "xmin_horizon_held",
+    "prepared_transaction_old",
+    "table_freeze_age",
+    "autovacuum_lagging",
 )
 
 
