@@ -38,6 +38,10 @@ _FINDING_EVENTS = {
     "connections_high": ("connections_high", "warning"),
     "table_skipped_locked": ("table_skipped_locked", "info"),
     "matview_refresh_skipped": ("matview_refresh_skipped", "info"),
+    "slow_statement": ("slow_statement", "warning"),
+    "n_plus_one_statement": ("n_plus_one_statement", "info"),
+    "unindexed_foreign_key": ("unindexed_foreign_key", "info"),
+    "extension_missing": ("extension_missing", "info"),
 }
 
 

@@ -45,6 +45,17 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "invalid_indexes": ((), "Invalid indexes."),
     "unused_indexes": ((), "Unused indexes over the size threshold."),
     "database_size_bytes": ((), "Database size in bytes."),
+    "statement_stats_available": ((), "1 if pg_stat_statements could be read in the target database."),
+    "slow_statements": ((), "Statements over slow_mean_after in the last interval."),
+    "n_plus_one_statements": ((), "N+1-shaped statements in the last interval."),
+    "top_statement_seconds": (("queryid",), "Execution time in the last interval (top report_top statements)."),
+    "unindexed_foreign_keys": ((), "Foreign keys without an index on their referencing columns."),
+    "table_size_bytes": (("table", "part"), "Size of the largest tables (partitions rolled up); part = heap, indexes, toast."),
+}
+# Counters a job moves through samples: the sample's value is the increase since its last run.
+SAMPLE_COUNTERS: dict[str, str] = {
+    "statement_time_seconds_total": "Execution time of top-level statements (pg_stat_statements deltas).",
+    "statement_calls_total": "Calls of top-level statements (pg_stat_statements deltas).",
 }
 
 
@@ -89,6 +100,10 @@ class Metrics:
             ["target", "action", "dry_run"], registry=r,
         )  # fmt: skip
         self.tables_vacuumed = Counter(p + "tables_vacuumed_total", "Tables vacuumed.", ["target"], registry=r)
+        self.sample_counters: dict[str, Counter] = {
+            name: Counter(p + name.removesuffix("_total"), help_, ["target"], registry=r)
+            for name, help_ in SAMPLE_COUNTERS.items()
+        }
         self.gauges: dict[str, Gauge] = {
             name: Gauge(p + name, help_, ["target", *labels], registry=r)
             for name, (labels, help_) in SAMPLE_GAUGES.items()
@@ -184,7 +199,7 @@ class Metrics:
             self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
             self.matview_refreshes, self.backend_signals, self.tables_vacuumed,
         ]  # fmt: skip
-        return objs + list(self.gauges.values())
+        return objs + list(self.sample_counters.values()) + list(self.gauges.values())
 
     # ------------------------------------------------------------------ results
 
@@ -211,6 +226,10 @@ class Metrics:
             for finding in result.findings:
                 if finding.kind == "lock_timeout":
                     self.lock_timeouts.labels(t, job).inc()
+            for sample in result.samples:
+                counter = self.sample_counters.get(sample.metric)
+                if counter is not None and sample.value >= 0:
+                    counter.labels(t).inc(sample.value)
             self._set_gauges(result)
             self._changed()
 
@@ -266,6 +285,7 @@ def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
 
 METRIC_NAMES = frozenset(
     {f"pgupkeep_{n}" for n in SAMPLE_GAUGES}
+    | {f"pgupkeep_{n}" for n in SAMPLE_COUNTERS}
     | {
         "pgupkeep_build_info",
         "pgupkeep_policy_last_reload_successful",

@@ -22,7 +22,7 @@ from pgupkeep.policy_types import (
 )
 from pgupkeep.schedules import Schedule, parse_schedule
 
-JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health", "query_insights")
 
 
 class _Model(BaseModel):
@@ -166,6 +166,23 @@ class HealthSection(_Model):
     """Finding connections_high above this share of max_connections."""
 
 
+class QueryInsightsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 5m")
+    """When statements, foreign keys and table sizes are read; statement figures are per interval between runs."""
+    slow_mean_after: Duration = timedelta(milliseconds=100)
+    """Finding slow_statement when a statement's mean execution time in the interval exceeds this."""
+    min_calls: int = Field(5, ge=1)
+    """A statement called fewer times in the interval is never flagged slow."""
+    n_plus_one_calls_per_second: float = Field(20, gt=0)
+    """Finding n_plus_one_statement needs more calls per second than this in the interval (with the conditions below)."""
+    n_plus_one_mean_under: Duration = timedelta(milliseconds=5)
+    """... and a mean execution time under this, about one row per call (at most 1.5) and a WHERE with `= $n`."""
+    report_top: int = Field(20, ge=0, le=1000)
+    """At most this many slow statements reported, statements with a time series, and tables with size series."""
+    min_table_size: Size = 10 * 1024**2
+    """Foreign keys of smaller referencing tables are not reported."""
+
+
 class Target(_Model):
     name: TargetName
     """Unique name of the target ([a-z0-9_-]); the `target` label."""
@@ -191,6 +208,8 @@ class Target(_Model):
     """Flag (and optionally vacuum) bloated tables."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size."""
+    query_insights: QueryInsightsSection | None = None
+    """Slow and N+1-shaped statements (pg_stat_statements deltas), unindexed foreign keys, largest tables."""
 
     def section(self, kind: str) -> BaseModel | None:
         return getattr(self, kind)

@@ -40,6 +40,10 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "slow_statement",
+    "n_plus_one_statement",
+    "unindexed_foreign_key",
+    "extension_missing",
 )
 
 
@@ -79,7 +83,8 @@ class Finding:
 
 @dataclass(frozen=True)
 class Sample:
-    """One gauge reading, named as in the spec without the `pgupkeep_` prefix.
+    """One gauge reading, named as in the spec without the `pgupkeep_` prefix; for a name in
+    metrics.SAMPLE_COUNTERS, the amount its counter moves by (a delta since the last run).
 
     Labels hold only policy names (table, view) and bounded states, never query text or pids.
     A job reports the whole set of a gauge family each run; series it stops reporting vanish.
