@@ -174,11 +174,11 @@ class QueryInsightsSection(_Model):
     min_calls: int = Field(5, ge=1)
     """A statement called fewer times in the interval is never flagged slow."""
     n_plus_one_calls_per_second: float = Field(20, gt=0)
-    """Finding n_plus_one_statement needs more calls per second than this in the interval (with the conditions below)."""
+    """Finding n_plus_one_statement when a statement ran more often than this per second in the interval, and also met n_plus_one_mean_under (see docs/query-insights.md)."""
     n_plus_one_mean_under: Duration = timedelta(milliseconds=5)
-    """... and a mean execution time under this, about one row per call (at most 1.5) and a WHERE with `= $n`."""
+    """... with a mean execution time under this, about one row per call (at most 1.5 on average) and a WHERE with an equality to a parameter (`= $1`)."""
     report_top: int = Field(20, ge=0, le=1000)
-    """At most this many slow statements reported, statements with a time series, and tables with size series."""
+    """At most this many slow_statement and n_plus_one_statement findings a run, statements with a time series, and tables with size series."""
     min_table_size: Size = 10 * 1024**2
     """Foreign keys of smaller referencing tables are not reported."""
 
