@@ -333,6 +333,11 @@ def test_a_role_without_pg_read_all_stats_is_told_what_it_misses(pg_server: Any,
         (m,) = [f.to_dict() for f in out.findings if f.kind == "extension_missing"]
         assert m["reason"] == "not_readable" and m["hidden"] > 0
         assert f"GRANT pg_read_all_stats TO {role}" in m["message"]
+        # With pg_monitor (whose member pg_read_all_stats is) every role's statements are judged.
+        with pg_server.admin() as admin:
+            admin.execute(f"GRANT pg_monitor TO {role}")
+        out = Job(as_role).run()
+        assert findings(out, "extension_missing") == {} and samples(out, "statement_stats_available") == {(): 1.0}
     finally:
         with pg_server.admin() as admin:
             admin.execute(f"DROP ROLE IF EXISTS {role}")
