@@ -15,8 +15,9 @@ from structlog.testing import capture_logs
 from pgupkeep import db
 from pgupkeep.jobs import query_insights
 from pgupkeep.jobs.base import JobContext
-from pgupkeep.jobs.query_insights import foreign_keys, statements
-from pgupkeep.jobs.query_insights.statements import Delta, Entry, Snapshot, choose_top, interval
+from pgupkeep.jobs.query_insights import foreign_keys, verdicts
+from pgupkeep.jobs.query_insights.statements import Delta, Entry, Snapshot, interval
+from pgupkeep.jobs.query_insights.verdicts import choose_top
 from pgupkeep.logs import log_result
 from pgupkeep.metrics import Metrics
 from pgupkeep.pgserver import start_server
@@ -507,6 +508,6 @@ def test_every_finding_is_a_log_event_of_its_own_name_and_counters_move(pgss: st
 
 
 def test_query_text_is_truncated_in_findings() -> None:
-    assert statements.shown_query_text("x" * 500) == "x" * 200 + "…"
-    assert statements.shown_query_text("short") == "short"
-    assert statements.shown_query_text(None) is None
+    assert verdicts.shown_query_text("x" * 500) == "x" * 200 + "…"
+    assert verdicts.shown_query_text("short") == "short"
+    assert verdicts.shown_query_text(None) is None

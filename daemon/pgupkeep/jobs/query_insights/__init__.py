@@ -1,7 +1,8 @@
 """The `query_insights` job: what a DBA looks at to decide what to fix next. Read-only.
 
-- statements.py: slow and N+1-shaped statements from pg_stat_statements, as deltas between runs
-  (the previous snapshot is kept in the job's memo; the first run after start only takes it);
+- statements.py, verdicts.py: slow and N+1-shaped statements from pg_stat_statements, as deltas
+  between runs (the previous snapshot is kept in the job's memo; the first run after start only
+  takes it);
 - foreign_keys.py: foreign keys without an index, with the statements that create one;
 - sizes.py: the largest tables (heap, indexes, TOAST), partitions rolled up to their root.
 
@@ -11,7 +12,7 @@ Without pg_stat_statements the job says exactly what to do, and the other two ch
 from __future__ import annotations
 
 from pgupkeep.jobs.base import JobContext, JobKind
-from pgupkeep.jobs.query_insights import foreign_keys, sizes, statements
+from pgupkeep.jobs.query_insights import foreign_keys, sizes, statements, verdicts
 from pgupkeep.policy import QueryInsightsSection
 from pgupkeep.results import Plan, Sample
 
@@ -23,20 +24,21 @@ def plan(ctx: JobContext) -> Plan:
     section: QueryInsightsSection = ctx.section
     out = Plan()
 
-    reading = statements.read(ctx.conn, ctx.now)
+    # One character more than a finding shows, so it knows when the text was cut.
+    reading = statements.read(ctx.conn, ctx.now, verdicts.QUERY_TEXT_CHARS + 1)
     if isinstance(reading, statements.Unavailable):
         # Once it can be read, the next run starts from a fresh snapshot.
         ctx.memo.pop(MEMO_SNAPSHOT, None)
         ctx.memo.pop(MEMO_TOP, None)
-        out.findings.append(statements.unavailable_finding(reading, ctx.conn.info.user))
+        out.findings.append(verdicts.unavailable_finding(reading, ctx.conn.info.user))
         out.samples.append(Sample("statement_stats_available", 0.0))
     else:
         span = statements.interval(ctx.memo.get(MEMO_SNAPSHOT), reading.snapshot)
-        judged = statements.judge(reading, span, section, ctx.memo.get(MEMO_TOP, ()))
+        judged = verdicts.judge(reading, span, section, ctx.memo.get(MEMO_TOP, ()))
         ctx.memo[MEMO_SNAPSHOT] = reading.snapshot
         ctx.memo[MEMO_TOP] = tuple(judged.top)
         if reading.snapshot.hidden:
-            out.findings.append(statements.hidden_finding(reading.snapshot, ctx.conn.info.dbname, ctx.conn.info.user))
+            out.findings.append(verdicts.hidden_finding(reading.snapshot, ctx.conn.info.dbname, ctx.conn.info.user))
         out.findings.extend(judged.out.findings)
         out.samples.extend(judged.out.samples)
 
