@@ -183,18 +183,28 @@ class Job:
         self.memo: dict = {}
         self.now = datetime(2026, 11, 25, tzinfo=UTC)
 
-    def run(self) -> tuple[float, JobResult]:
+    def run(self) -> tuple[float, float, JobResult]:
+        """(wall seconds, CPU seconds of the job's server backend and this process, result)."""
         self.now += timedelta(minutes=5)
         with db.connect(self.target) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
             ctx = JobContext(target=self.target, section=self.target.query_insights, conn=conn, now=self.now, timezone=self.zone, memo=self.memo)
-            t0 = time.perf_counter()
+            t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_seconds(backend)
             out = execute_job(query_insights.KIND, ctx)
             wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0 + cpu_seconds(backend) - s0
         result = JobResult(
             "bench", "query_insights", "success", wall, time.time(),
             findings=tuple(out.findings), samples=tuple(out.samples), target_up=True,
         )  # fmt: skip
-        return wall, result
+        return wall, cpu, result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a local process (the server backend): unlike wall time, it does not
+    grow when other work shares the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def series(registry: CollectorRegistry) -> int:
@@ -259,14 +269,18 @@ def main() -> None:
         job = Job(dsn)
         metrics = Metrics(CollectorRegistry())
         before = series(metrics.registry)
-        first, result = job.run()
+        load = os.getloadavg()[0]
+        first, first_cpu, result = job.run()
         metrics.record(result)
         steady: list[float] = []
+        steady_cpu: list[float] = []
         kinds: dict[str, int] = {}
         for _ in range(args.runs):
             workload(dsn, args.statements)
-            wall, result = job.run()
+            load = max(load, os.getloadavg()[0])
+            wall, cpu, result = job.run()
             steady.append(wall)
+            steady_cpu.append(cpu)
             metrics.record(result)
             kinds = {}
             for f in result.findings:
@@ -277,12 +291,15 @@ def main() -> None:
         pgss_series, exporter_all, exporter_wall = exporter_scrape(dsn)
 
     print(f"\npg_stat_statements entries: {entries} (server-wide); findings of the last run: {kinds}")
-    print(f"steady-state walls: {[round(x, 3) for x in steady]}\n")
+    print(f"steady-state walls: {[round(x, 3) for x in steady]}, CPU: {[round(x, 3) for x in steady_cpu]}")
+    print(f"highest 1-minute load average seen: {load:.1f} on {os.cpu_count()} CPUs\n")
     print(table(
         ["measure", "pgupkeep query_insights", "target"],
         [
-            ["first run (snapshot only)", fmt_s(first), "< 1 s"],
-            [f"steady-state run, median of {args.runs}", fmt_s(median(steady)), "< 1 s"],
+            ["first run (snapshot only): wall", fmt_s(first), "< 1 s"],
+            ["first run: CPU (server backend + pgupkeep)", fmt_s(first_cpu), ""],
+            [f"steady-state run, median of {args.runs}: wall", fmt_s(median(steady)), "< 1 s"],
+            [f"steady-state run, median of {args.runs}: CPU (server backend + pgupkeep)", fmt_s(median(steady_cpu)), ""],
             ["series of the job's own families", ours, "< 200"],
             ["series added in all (incl. job_runs, duration histogram)", added, "< 200"],
         ],

@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.results import Finding
 
 NAMEDATALEN = 63  # bytes of an identifier; PostgreSQL truncates longer names
@@ -22,9 +21,18 @@ NAMEDATALEN = 63  # bytes of an identifier; PostgreSQL truncates longer names
 # A constraint counts once, where it was declared: the clones PostgreSQL makes on each partition
 # (and for each partition of a referenced partitioned table) have conparentid set. An index covers
 # it when its leading key columns are the constraint's columns in any order: valid, not partial,
-# and of a kind that serves equality. A table (or, partitioned, any of its partitions) that someone
-# holds or awaits an ACCESS EXCLUSIVE lock on is left out this run: sizing it would wait.
-UNINDEXED_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """, fk AS (
+# and of a kind that serves equality. The table's size is what the catalog records (pages of it,
+# its TOAST table and their indexes, as of their last VACUUM, ANALYZE or CREATE INDEX; for a
+# partitioned table, of all its partitions): measuring each referencing table would open it and
+# every index (seconds at 10,000 tables). Partitions are found through pg_inherits, which takes no
+# lock on them.
+UNINDEXED_SQL = """WITH RECURSIVE usable AS MATERIALIZED (  -- read once, then hashed by table
+    SELECT x.indrelid, x.indnkeyatts, string_to_array(x.indkey::text, ' ')::int2[] AS keys
+    FROM pg_index x
+    JOIN pg_class i ON i.oid = x.indexrelid
+    JOIN pg_am am ON am.oid = i.relam
+    WHERE x.indisvalid AND x.indpred IS NULL AND am.amname IN ('btree', 'hash')
+), fk AS (
     SELECT c.conname, c.conrelid, c.confrelid, c.conkey, c.confkey, t.relkind,
            nt.nspname AS schema, t.relname AS name
     FROM pg_constraint c
@@ -33,30 +41,30 @@ UNINDEXED_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """, fk AS (
     WHERE c.contype = 'f' AND c.conparentid = 0 AND t.relkind IN ('r', 'p')
       AND nt.nspname NOT IN ('pg_catalog', 'information_schema') AND nt.nspname !~ '^pg_toast'
       AND NOT EXISTS (
-        SELECT 1
-        FROM pg_index x
-        JOIN pg_class i ON i.oid = x.indexrelid
-        JOIN pg_am am ON am.oid = i.relam
-        WHERE x.indrelid = c.conrelid AND x.indisvalid AND x.indpred IS NULL
-          AND am.amname IN ('btree', 'hash')
-          AND x.indnkeyatts >= cardinality(c.conkey)
-          AND (string_to_array(x.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] @> c.conkey
-          AND (string_to_array(x.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] <@ c.conkey
+        SELECT 1 FROM usable u
+        WHERE u.indrelid = c.conrelid AND u.indnkeyatts >= cardinality(c.conkey)
+          AND u.keys[1:cardinality(c.conkey)] @> c.conkey AND u.keys[1:cardinality(c.conkey)] <@ c.conkey
       )
-), member AS (  -- the relations whose storage makes up each table: itself, or its partitions
-    SELECT fk.conrelid, m.relid
-    FROM fk, LATERAL (
-        SELECT fk.conrelid AS relid WHERE fk.relkind = 'r'
-        UNION ALL
-        SELECT p.relid FROM pg_partition_tree(fk.conrelid) p WHERE fk.relkind = 'p' AND p.isleaf
-    ) m
+), tree AS (  -- each table with such a key, and all partitions under it
+    SELECT DISTINCT conrelid AS top, conrelid AS relid FROM fk
+    UNION ALL
+    SELECT tree.top, i.inhrelid FROM tree JOIN pg_inherits i ON i.inhparent = tree.relid
+), member AS MATERIALIZED (  -- the tables with such a key and their partitions: few, by oid
+    SELECT tree.top, tree.relid, c.relkind, n.nspname, c.relname,
+           greatest(c.relpages, 0)::bigint  -- -1: a partitioned table, no storage
+             + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0)
+             + coalesce((SELECT sum(greatest(i.relpages, 0)) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                         WHERE x.indrelid IN (c.oid, c.reltoastrelid)), 0) AS pages
+    FROM tree
+    JOIN pg_class c ON c.oid = tree.relid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
 ), sized AS (
-    SELECT m.conrelid,
-           sum(pg_total_relation_size(m.relid)) FILTER (WHERE l.relation IS NULL) AS size_bytes,
-           count(l.relation) AS locked
-    FROM (SELECT DISTINCT conrelid, relid FROM member) m
-    LEFT JOIN exclusive_locks l ON l.relation = m.relid
-    GROUP BY m.conrelid
+    SELECT top, sum(pages) * current_setting('block_size')::bigint AS size_bytes,
+           coalesce(json_agg(json_build_array(nspname, relname, quote_ident(nspname) || '.' || quote_ident(relname))
+                             ORDER BY nspname, relname) FILTER (WHERE relkind = 'r' AND relid <> top),
+                    '[]') AS leaves
+    FROM member
+    GROUP BY top
 )
 SELECT fk.conname, fk.schema, fk.name, fk.relkind = 'p' AS partitioned,
        quote_ident(fk.schema) || '.' || quote_ident(fk.name) AS table_sql,
@@ -67,15 +75,10 @@ SELECT fk.conname, fk.schema, fk.name, fk.relkind = 'p' AS partitioned,
              JOIN pg_attribute a ON a.attrelid = fk.conrelid AND a.attnum = k.attnum ORDER BY k.ord) AS columns_sql,
        ARRAY(SELECT a.attname FROM unnest(fk.confkey) WITH ORDINALITY k(attnum, ord)
              JOIN pg_attribute a ON a.attrelid = fk.confrelid AND a.attnum = k.attnum ORDER BY k.ord)::text[] AS ref_columns,
-       CASE WHEN fk.relkind = 'p' THEN (
-           SELECT coalesce(json_agg(json_build_array(pn.nspname, pc.relname, quote_ident(pn.nspname) || '.' || quote_ident(pc.relname)) ORDER BY pn.nspname, pc.relname), '[]')
-           FROM pg_partition_tree(fk.conrelid) p
-           JOIN pg_class pc ON pc.oid = p.relid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-           WHERE p.isleaf AND pc.relkind = 'r'
-       ) END AS leaves,
+       CASE WHEN fk.relkind = 'p' THEN s.leaves END AS leaves,
        s.size_bytes
 FROM fk
-JOIN sized s ON s.conrelid = fk.conrelid AND s.locked = 0
+JOIN sized s ON s.top = fk.conrelid
 JOIN pg_class r ON r.oid = fk.confrelid
 JOIN pg_namespace nr ON nr.oid = r.relnamespace
 WHERE s.size_bytes >= %(min_size)s
@@ -135,7 +138,7 @@ def index_name(table: str, columns: Sequence[str], salt: str = "") -> str:
 
 def read(conn: psycopg.Connection, min_size: int) -> list[UnindexedKey]:
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = read_past_exclusive_locks(lambda: cur.execute(UNINDEXED_SQL, {"min_size": min_size}).fetchall())
+        rows = cur.execute(UNINDEXED_SQL, {"min_size": min_size}).fetchall()
         if not rows:
             return []
         wanted = planned_names(rows)
