@@ -150,7 +150,9 @@ def cmd_check(config: str) -> int:
     if policy is None:
         return EXIT_INVALID
     jobs = planned_jobs(policy)
-    print(f"{config}: valid: {len(policy.targets)} targets, {len(jobs)} scheduled jobs")
+    fleets = sum(1 for t in policy.targets if t.discover is not None)
+    discovering = f" ({fleets} discovering databases, their jobs scheduled per database found)" if fleets else ""
+    print(f"{config}: valid: {len(policy.targets)} targets{discovering}, {len(jobs)} scheduled jobs")
     return EXIT_OK
 
 
@@ -180,11 +182,25 @@ def cmd_jobs(
     policy = _load(config, sys.stderr)
     if policy is None:
         return EXIT_INVALID
-    names = [t.name for t in policy.targets]
+    from pgupkeep import fleet
+
+    parents = [t.name for t in policy.targets if t.discover is not None]
+    discovery_failed: dict[str, str] = {}
+    if parents:
+        # Discovering targets stand for the databases they find: list them now.
+        expanded, found, discovery_failed = fleet.discover_all(policy)
+    else:
+        expanded, found = policy, {}
+    names = [t.name for t in expanded.targets]
     for name in targets or []:
-        if name not in names:
-            print(f"pgupkeep: no target {name!r} in {config} (targets: {', '.join(names) or 'none'})", file=sys.stderr)
+        if name not in names and name not in parents:
+            known = ", ".join(names + [f"{p}/<database>" for p in parents]) or "none"
+            print(f"pgupkeep: no target {name!r} in {config} (targets: {known})", file=sys.stderr)
             return EXIT_INVALID
+    for name, error in discovery_failed.items():
+        print(f"pgupkeep: target {name}: could not list its databases: {error}", file=sys.stderr)
+    homes = fleet.lease_homes(policy, found)
+    policy = expanded
     for job in jobs or []:
         if job not in REGISTRY:
             print(f"pgupkeep: no job kind {job!r} (kinds: {', '.join(REGISTRY)})", file=sys.stderr)
@@ -194,11 +210,13 @@ def cmd_jobs(
     apply = command == "once"
     # `once` respects a running daemon's lease; `plan` changes nothing and needs none.
     leases = db.Leases() if apply else None
+    if leases is not None:
+        leases.set_homes(homes)
     runner = Runner(policy, sinks=[logs.log_result], leases=leases)
     work = [
         (t.name, kind)
         for t in policy.targets
-        if not targets or t.name in targets
+        if not targets or t.name in targets or t.name.split(fleet.SEPARATOR)[0] in targets
         for kind in t.job_kinds()
         if not jobs or kind in jobs
     ]
@@ -215,7 +233,7 @@ def cmd_jobs(
             _print_human(result)
     if not work:
         print("nothing to do: no job sections match", file=sys.stderr)
-    failed = any(r.outcome == "failure" for r in results)
+    failed = bool(discovery_failed) or any(r.outcome in ("failure", "cancelled") for r in results)
     return EXIT_FAILED if failed else EXIT_OK
 
 

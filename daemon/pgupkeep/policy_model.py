@@ -183,6 +183,15 @@ class QueryInsightsSection(_Model):
     """Foreign keys of smaller referencing tables are not reported."""
 
 
+class Discover(_Model):
+    include: tuple[str, ...] = ("*",)
+    """Databases to keep, as shell patterns (tenant_*); templates are never included."""
+    exclude: tuple[str, ...] = ()
+    """Databases to leave alone, as shell patterns (e.g. postgres); exclude wins over include."""
+    every: Duration = Field(timedelta(minutes=5))
+    """How often the server's databases are listed again: new ones are picked up, dropped ones let go."""
+
+
 class Target(_Model):
     name: TargetName
     """Unique name of the target ([a-z0-9_-]); the `target` label."""
@@ -210,6 +219,8 @@ class Target(_Model):
     """Connections, transaction-ID age, invalid and unused indexes, database size."""
     query_insights: QueryInsightsSection | None = None
     """Slow and N+1-shaped statements (pg_stat_statements deltas), unindexed foreign keys, largest tables."""
+    discover: Discover | None = None
+    """Make every matching database of the DSN's server a target `<name>/<database>` with these job sections (the DSN names the database discovery connects to; postgres if none)."""
 
     def section(self, kind: str) -> BaseModel | None:
         return getattr(self, kind)

@@ -48,12 +48,15 @@ class Schedule:
             return timedelta(days=31)
         return timedelta(days=366)
 
-    def trigger(self, timezone: tzinfo, jitter: timedelta | None = None) -> BaseTrigger:
+    def trigger(self, timezone: tzinfo, jitter: timedelta | None = None, phase: float | None = None) -> BaseTrigger:
+        """`phase` (0-1, `every` schedules only) fixes where in each period the runs fall, counted
+        from the Unix epoch: runs of a fleet's databases spread over the period, the same on every
+        replica."""
         jitter_s = int(jitter.total_seconds()) if jitter else None
         if self.every is not None:
-            return IntervalTrigger(
-                seconds=self.every.total_seconds(), timezone=timezone, jitter=jitter_s or None
-            )
+            seconds = self.every.total_seconds()
+            start = None if phase is None else datetime.fromtimestamp(phase * seconds, tz=UTC)
+            return IntervalTrigger(seconds=seconds, timezone=timezone, jitter=jitter_s or None, start_date=start)
         common = {"minute": self.minute, "hour": self.hour, "month": self.month, "timezone": timezone}
         if self.day != "*" and self.day_of_week != "*":
             return _Forward(

@@ -43,6 +43,10 @@ def session_options(
         # Catalog reads over thousands of relations get cost estimates that switch JIT on, and
         # compiling then takes longer than the read itself (measured: 1.2 s of a 1.4 s read).
         "-c jit=off",
+        # A run's session may idle while its work goes on in another (a view's refresh) and it
+        # holds the run's fence: a database's idle_session_timeout must not close it. Every
+        # session ends with its run, and statement_timeout bounds what it does.
+        "-c idle_session_timeout=0",
     ]
     return " ".join(([existing] if existing else []) + opts)
 
