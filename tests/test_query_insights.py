@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from pgupkeep import db
 from pgupkeep.jobs import query_insights
 from pgupkeep.jobs.base import JobContext
-from pgupkeep.jobs.query_insights import foreign_keys, verdicts
+from pgupkeep.jobs.query_insights import foreign_keys
 from pgupkeep.jobs.query_insights.statements import Delta, Entry, Snapshot, interval
 from pgupkeep.jobs.query_insights.verdicts import choose_top
 from pgupkeep.logs import log_result
@@ -32,11 +32,12 @@ MINUTE = timedelta(minutes=1)
 class Job:
     """One target's job across runs: the same memo, a clock the test moves."""
 
-    def __init__(self, dsn: str, extra: str = "") -> None:
+    def __init__(self, dsn: str, extra: str = "", target_extra: str = "") -> None:
         lines = "".join(f"      {line}\n" for line in extra.strip().splitlines())
         if "min_table_size" not in extra:
             lines += "      min_table_size: 0\n"
-        text = 'version: 1\ntargets:\n  - name: t\n    dsn: "${DSN}"\n    query_insights:\n' + lines
+        head = "".join(f"    {line}\n" for line in target_extra.strip().splitlines())
+        text = 'version: 1\ntargets:\n  - name: t\n    dsn: "${DSN}"\n' + head + "    query_insights:\n" + lines
         policy = parse_policy(text, environ={"DSN": dsn})
         self.target = policy.targets[0]
         self.zone = policy.daemon.zone
@@ -514,7 +515,20 @@ def test_every_finding_is_a_log_event_of_its_own_name_and_counters_move(pgss: st
     assert metrics.registry.get_sample_value("pgupkeep_top_statement_seconds", {"target": "t", "queryid": slow["queryid"]}) > 0.5
 
 
-def test_query_text_is_truncated_in_findings() -> None:
-    assert verdicts.shown_query_text("x" * 500) == "x" * 200 + "…"
-    assert verdicts.shown_query_text("short") == "short"
-    assert verdicts.shown_query_text(None) is None
+def test_query_text_in_findings_is_what_log_query_text_allows(pgss: str) -> None:
+    long = "SELECT pg_sleep(0.11), '" + "x" * 300 + "' AS long_text"
+    jobs = {mode: Job(pgss, target_extra=f"log_query_text: {mode}") for mode in ("truncated", "full", "none")}
+    for job in jobs.values():
+        job.run()
+    execute(pgss, *[long] * 5)
+    shown = {mode: next(iter(findings(job.run(MINUTE), "slow_statement").values()))["query"] for mode, job in jobs.items()}
+    normalized = "SELECT pg_sleep($1), $2 AS long_text"
+    assert shown == {"truncated": normalized, "full": normalized, "none": None}
+    # pg_stat_statements keeps constants as $n: a long text needs a long statement.
+    wide = "SELECT " + ", ".join(f"pg_sleep(0.03) AS column_{i:03d}" for i in range(40))
+    for job in jobs.values():
+        job.run()
+    execute(pgss, *[wide] * 5)
+    shown = {mode: next(iter(findings(job.run(MINUTE), "slow_statement").values()))["query"] for mode, job in jobs.items()}
+    assert len(shown["full"]) > 600 and shown["full"].startswith("SELECT pg_sleep($1) AS column_000")
+    assert shown["truncated"] == shown["full"][:200] + "..." and shown["none"] is None

@@ -69,6 +69,8 @@ def test_signals_refreshes_and_vacuums():
                 Action("cancel_backend", "pid 10", "SELECT ...", True, {"pid": 10, "dry_run": False}),
                 Action("terminate_backend", "pid 11", "SELECT ...", False, {"pid": 11, "dry_run": True}),
                 Action("cancel_backend", "pid 12", "SELECT ...", False, {"pid": 12, "dry_run": False, "skipped_reason": "gone"}),
+                # Reported by an earlier dry run already: counted then, not again.
+                Action("terminate_backend", "pid 13", "SELECT ...", False, {"pid": 13, "dry_run": True, "repeat": True}),
             ),
         )
     )

@@ -44,8 +44,11 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "long_running_queries": (("state",), "Sessions over threshold, by state (active, idle_in_transaction)."),
     "longest_query_seconds": (("state",), "Age of the oldest session over threshold in that state."),
     "oldest_transaction_seconds": ((), "Age of the oldest open transaction of a client backend."),
-    "connections": (("state",), "Sessions by state."),
-    "connections_max": ((), "The server's max_connections."),
+    "lock_waiting_sessions": ((), "Sessions waiting on a lock longer than lock_wait_after."),
+    "longest_lock_wait_seconds": ((), "Longest current wait of a session on a lock."),
+    "connections": (("state",), "Client sessions of the target's database, by state."),
+    "connections_max": (("server",), "The server's max_connections (server: host:port/system identifier)."),
+    "server_connections": (("server",), "Client sessions of the whole server, every database (server: host:port/system identifier)."),
     "bloated_tables": ((), "Tables over any bloat threshold."),
     "table_dead_tuples": (("table",), "Dead tuples (worst report_top tables)."),
     "table_dead_tuple_ratio": (("table",), "Dead tuples / all tuples, 0-1 (worst report_top tables)."),
@@ -349,7 +352,8 @@ class Metrics:
             self.matview_refreshes.labels(t, str(detail.get("view", "")), str(detail.get("mode", "")), str(detail["outcome"])).inc()
         elif kind in ("cancel_backend", "terminate_backend"):
             dry = bool(detail.get("dry_run"))
-            if applied or dry:
+            # A dry run reports a still-running session on every run; it is counted once.
+            if applied or (dry and not detail.get("repeat")):
                 self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
         elif kind == "vacuum_table" and applied:
             self.tables_vacuumed.labels(t).inc()

@@ -40,6 +40,7 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "lock_wait",
     "slow_statement",
     "n_plus_one_statement",
     "unindexed_foreign_key",

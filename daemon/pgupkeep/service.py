@@ -122,7 +122,12 @@ class Service:
                 reason=reason,
                 config=str(self.path),
                 problems=[str(p) for p in exc.problems],
-                action="the previous policy keeps running; fix the file and it is re-read",
+                action=(
+                    "the previous policy keeps running; fix the file: it is watched and re-read when it changes (or on SIGHUP)"
+                    if self.policy.daemon.reload_on_change
+                    else "the previous policy keeps running; fix the file, then send SIGHUP to re-read it "
+                    "(reload_on_change is false: the file is not watched)"
+                ),
             )
             return False
         old = self.policy

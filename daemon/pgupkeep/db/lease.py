@@ -330,16 +330,19 @@ class Leases:
         """Take the target's fence shared on a run's session (held until that session closes);
         False while a run of an earlier leader may still be writing."""
         key = fence_key(target.name)
-        with self._guard:
-            clear = target.name in self._clear
-        if not clear:
-            # Exclusive once, in the target's own database where every run takes it shared.
-            row = run_conn.execute(TRY_LOCK_SQL, (key,)).fetchone()
-            if not (row and row[0]):
-                return False
-            run_conn.execute(UNLOCK_SQL, (key,))
+        # One run of this replica clears the fence; its sibling runs (other jobs of the target,
+        # started together) wait for that rather than mistake each other for an old leader's.
+        with self._lock_for(f"fence {target.name}"):
             with self._guard:
-                self._clear.add(target.name)
+                clear = target.name in self._clear
+            if not clear:
+                # Exclusive once, in the target's own database where every run takes it shared.
+                row = run_conn.execute(TRY_LOCK_SQL, (key,)).fetchone()
+                if not (row and row[0]):
+                    return False
+                run_conn.execute(UNLOCK_SQL, (key,))
+                with self._guard:
+                    self._clear.add(target.name)
         row = run_conn.execute(TRY_FENCE_SHARED_SQL, (key,)).fetchone()
         return bool(row and row[0])
 

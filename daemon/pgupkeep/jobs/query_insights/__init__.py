@@ -15,6 +15,7 @@ from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.query_insights import foreign_keys, sizes, statements, verdicts
 from pgupkeep.policy import QueryInsightsSection
 from pgupkeep.results import Plan, Sample
+from pgupkeep.units import query_text_read_limit
 
 MEMO_SNAPSHOT = "statements"
 MEMO_TOP = "top_statements"
@@ -24,8 +25,8 @@ def plan(ctx: JobContext) -> Plan:
     section: QueryInsightsSection = ctx.section
     out = Plan()
 
-    # One character more than a finding shows, so it knows when the text was cut.
-    reading = statements.read(ctx.conn, ctx.now, verdicts.QUERY_TEXT_CHARS + 1)
+    text_mode = ctx.target.log_query_text or "truncated"
+    reading = statements.read(ctx.conn, ctx.now, query_text_read_limit(text_mode))
     if isinstance(reading, statements.Unavailable):
         # Once it can be read, the next run starts from a fresh snapshot.
         ctx.memo.pop(MEMO_SNAPSHOT, None)
@@ -34,7 +35,7 @@ def plan(ctx: JobContext) -> Plan:
         out.samples.append(Sample("statement_stats_available", 0.0))
     else:
         span = statements.interval(ctx.memo.get(MEMO_SNAPSHOT), reading.snapshot)
-        judged = verdicts.judge(reading, span, section, ctx.memo.get(MEMO_TOP, ()))
+        judged = verdicts.judge(reading, span, section, ctx.memo.get(MEMO_TOP, ()), text_mode)
         ctx.memo[MEMO_SNAPSHOT] = reading.snapshot
         ctx.memo[MEMO_TOP] = tuple(judged.top)
         if reading.snapshot.hidden:

@@ -14,16 +14,12 @@ from pgupkeep.jobs.query_insights.statements import (
     Interval,
     Reading,
     Snapshot,
-    Statement,
     Unavailable,
 )
 from pgupkeep.policy import QueryInsightsSection
 from pgupkeep.results import Finding, JobOutput, Sample
-from pgupkeep.units import format_duration
+from pgupkeep.units import format_duration, query_text
 
-# Until the daemon-wide `log_query_text` (full | truncated | none) lands, query text in findings
-# is truncated to this many characters (its future default).
-QUERY_TEXT_CHARS = 200
 # "About one row per call": a lookup by key finds one row or none.
 N_PLUS_ONE_MAX_ROWS_PER_CALL = 1.5
 # A newcomer takes a top-N series from an incumbent only with more than this many times its time,
@@ -31,13 +27,6 @@ N_PLUS_ONE_MAX_ROWS_PER_CALL = 1.5
 TOP_HYSTERESIS = 2.0
 # An incumbent keeps its series while it ranks within this many times report_top.
 TOP_KEEP_RANKS = 2
-
-
-def shown_query_text(text: str | None) -> str | None:
-    """Query text as a finding may carry it (other people's statements are personal data)."""
-    if text is None:
-        return None
-    return text if len(text) <= QUERY_TEXT_CHARS else text[:QUERY_TEXT_CHARS] + "…"
 
 
 def choose_top(
@@ -86,6 +75,7 @@ def judge(
     span: Interval,
     section: QueryInsightsSection,
     incumbents: Sequence[int] = (),
+    log_query_text: str = "truncated",
 ) -> Judgement:
     """Findings and samples of one interval. A skipped interval moves the counters by nothing."""
     j = Judgement()
@@ -107,7 +97,7 @@ def judge(
     )
     out.samples.append(Sample("slow_statements", float(len(slow))))
     for d in slow[: section.report_top]:
-        out.findings.append(slow_finding(d, reading.statements.get(d.queryid), span, slow_ms))
+        out.findings.append(slow_finding(d, _text(reading, d, log_query_text), span, slow_ms))
 
     rate = section.n_plus_one_calls_per_second
     tiny_ms = section.n_plus_one_mean_under.total_seconds() * 1000
@@ -125,12 +115,18 @@ def judge(
     )
     out.samples.append(Sample("n_plus_one_statements", float(len(shaped))))
     for d in shaped[: section.report_top]:
-        out.findings.append(n_plus_one_finding(d, reading.statements.get(d.queryid), span))
+        out.findings.append(n_plus_one_finding(d, _text(reading, d, log_query_text), span))
 
     top = choose_top(span.deltas, incumbents, section.report_top)
     j.top = [d.queryid for d in top]
     out.samples += [Sample("top_statement_seconds", d.exec_ms / 1000, {"queryid": str(d.queryid)}) for d in top]
     return j
+
+
+def _text(reading: Reading, d: Delta, log_query_text: str) -> str | None:
+    """The statement's text as `log_query_text` allows (other people's statements are personal data)."""
+    st = reading.statements.get(d.queryid)
+    return query_text(st.query if st else None, log_query_text)
 
 
 def _span_text(span: Interval) -> str:
@@ -149,7 +145,7 @@ def _figures(d: Delta, span: Interval) -> dict[str, Any]:
     }
 
 
-def slow_finding(d: Delta, st: Statement | None, span: Interval, slow_ms: float) -> Finding:
+def slow_finding(d: Delta, text: str | None, span: Interval, slow_ms: float) -> Finding:
     return Finding(
         kind="slow_statement",
         object=str(d.queryid),
@@ -160,11 +156,11 @@ def slow_finding(d: Delta, st: Statement | None, span: Interval, slow_ms: float)
             f"slow_mean_after {slow_ms:g} ms: EXPLAIN (ANALYZE, BUFFERS) it with typical parameters and look for "
             "sequential scans, a missing index or a plan that reads far more rows than it returns"
         ),
-        detail={**_figures(d, span), "query": shown_query_text(st.query if st else None)},
+        detail={**_figures(d, span), "query": text},
     )
 
 
-def n_plus_one_finding(d: Delta, st: Statement | None, span: Interval) -> Finding:
+def n_plus_one_finding(d: Delta, text: str | None, span: Interval) -> Finding:
     rate = d.calls / span.seconds
     return Finding(
         kind="n_plus_one_statement",
@@ -180,7 +176,7 @@ def n_plus_one_finding(d: Delta, st: Statement | None, span: Interval) -> Findin
             **_figures(d, span),
             "calls_per_second": round(rate, 3),
             "suggestion": "batch the lookups: WHERE key = ANY($1) with an array of keys, or a join",
-            "query": shown_query_text(st.query if st else None),
+            "query": text,
         },
     )
 
