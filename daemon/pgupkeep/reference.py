@@ -22,6 +22,7 @@ from pgupkeep.policy import (
     MaterializedViewsSection,
     PartitionsSection,
     PartitionTable,
+    QueryInsightsSection,
     SessionSettings,
     Target,
     ViewPolicy,
@@ -40,6 +41,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("targets[].long_running_queries", LongRunningQueriesSection),
     ("targets[].bloat", BloatSection),
     ("targets[].health", HealthSection),
+    ("targets[].query_insights", QueryInsightsSection),
 ]
 
 
