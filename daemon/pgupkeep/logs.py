@@ -50,6 +50,10 @@ _FINDING_EVENTS = {
     "prepared_transaction_old": ("prepared_transaction_old", "warning"),
     "table_freeze_age": ("table_freeze_age", "warning"),
     "autovacuum_lagging": ("autovacuum_lagging", "warning"),
+    "slow_statement": ("slow_statement", "warning"),
+    "n_plus_one_statement": ("n_plus_one_statement", "info"),
+    "unindexed_foreign_key": ("unindexed_foreign_key", "info"),
+    "extension_missing": ("extension_missing", "info"),
 }
 
 

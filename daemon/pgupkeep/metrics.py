@@ -67,9 +67,20 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "xmin_horizon_age": (("holder_kind",), "Age in transactions of the oldest xmin holder of each kind (0: none)."),
     "table_freeze_age": (("table",), "age(relfrozenxid) of the worst report_top tables by share of their freeze max age."),
     "health_findings": (("kind", "server"), "Findings of each kind in the last health run (alerts read these: the thresholds are the policy's)."),
+    "statement_stats_available": ((), "1 if pg_stat_statements could be read in the target database."),
+    "slow_statements": ((), "Statements over slow_mean_after in the last interval."),
+    "n_plus_one_statements": ((), "N+1-shaped statements in the last interval."),
+    "top_statement_seconds": (("queryid",), "Execution time in the last interval (top report_top statements)."),
+    "unindexed_foreign_keys": ((), "Foreign keys without an index on their referencing columns."),
+    "table_size_bytes": (("table", "part"), "Size of the largest tables (partitions rolled up); part = heap, indexes, toast."),
     "sql_last_success_timestamp_seconds": (("name",), "Unix time a named statement last ran to the end without error."),
     "sql_last_duration_seconds": (("name",), "Duration of a named statement's last successful run (all its batches)."),
     "sql_period_seconds": (("name",), "Longest time between two scheduled runs of a named statement."),
+}
+# Counters a job moves through samples: the sample's value is the increase since its last run.
+SAMPLE_COUNTERS: dict[str, str] = {
+    "statement_time_seconds_total": "Execution time of top-level statements (pg_stat_statements deltas).",
+    "statement_calls_total": "Calls of top-level statements (pg_stat_statements deltas).",
 }
 
 
@@ -200,6 +211,10 @@ class Metrics:
             "Job runs that will not be in the run history: queue_full, rejected, shutdown.",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.sample_counters: dict[str, Counter] = {
+            name: Counter(p + name.removesuffix("_total"), help_, ["target"], registry=r)
+            for name, help_ in SAMPLE_COUNTERS.items()
+        }
         self.last = LastResults()
         r.register(self.last)
         self.states = TargetStates()
@@ -321,7 +336,7 @@ class Metrics:
             self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,
             self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
             self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.lease_changes,
-            self.job_missed, self.sql_rows,
+            self.job_missed, self.sql_rows, *self.sample_counters.values(),
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ results
@@ -353,6 +368,10 @@ class Metrics:
             for finding in result.findings:
                 if finding.kind == "lock_timeout":
                     self.lock_timeouts.labels(t, job).inc()
+            for sample in result.samples:
+                counter = self.sample_counters.get(sample.metric)
+                if counter is not None and sample.value >= 0:
+                    counter.labels(t).inc(sample.value)
             if result.target_up is not False:
                 # A run that reached the database measured: its samples are the gauges now. One
                 # that could not connect measured nothing and leaves them (target_up says why).
@@ -392,6 +411,7 @@ def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
 
 METRIC_NAMES = frozenset(
     {f"pgupkeep_{n}" for n in SAMPLE_GAUGES}
+    | {f"pgupkeep_{n}" for n in SAMPLE_COUNTERS}
     | {
         "pgupkeep_build_info",
         "pgupkeep_policy_last_reload_successful",

@@ -32,7 +32,7 @@ from pgupkeep.schedules import Schedule, parse_schedule
 from pgupkeep.sqltext import read_statement
 from pgupkeep.units import BIGINT_MAX, QualifiedName, Retention, parse_retention
 
-JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health", "sql")
+JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health", "query_insights", "sql")
 
 
 class _Model(BaseModel):
@@ -221,6 +221,23 @@ class HealthSection(_Model):
     """At most this many (the worst) slots, sequences and tables get per-object series and findings."""
 
 
+class QueryInsightsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 5m")
+    """When statements, foreign keys and table sizes are read; statement figures are per interval between runs."""
+    slow_mean_after: Duration = timedelta(milliseconds=100)
+    """Finding slow_statement when a statement's mean execution time in the interval exceeds this."""
+    min_calls: int = Field(5, ge=1)
+    """A statement called fewer times in the interval is never flagged slow."""
+    n_plus_one_calls_per_second: float = Field(20, gt=0)
+    """Finding n_plus_one_statement when a statement ran more often than this per second in the interval, and also met n_plus_one_mean_under (see docs/query-insights.md)."""
+    n_plus_one_mean_under: Duration = timedelta(milliseconds=5)
+    """... with a mean execution time under this, about one row per call (at most 1.5 on average) and a WHERE with an equality to a parameter (`= $1`)."""
+    report_top: int = Field(20, ge=0, le=1000)
+    """At most this many slow_statement and n_plus_one_statement findings a run, statements with a time series, and tables with size series."""
+    min_table_size: Size = 10 * 1024**2
+    """Foreign keys of smaller referencing tables are not reported."""
+
+
 SqlParam = str | int | float | bool | None
 
 
@@ -325,6 +342,10 @@ class Target(_Model):
     """Flag (and optionally vacuum) bloated tables."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size, replication slots and lag, sequences, xmin horizon, per-table freeze age and autovacuum lag."""
+    query_insights: QueryInsightsSection | None = None
+    """Slow and N+1-shaped statements (pg_stat_statements deltas), unindexed foreign keys, largest tables."""
+
+
     sql: SqlSection | None = None
     """Named SQL statements on their own schedules, with timeouts, lock budgets and batching."""
     discover: Discover | None = None

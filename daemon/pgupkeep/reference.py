@@ -23,6 +23,7 @@ from pgupkeep.policy import (
     MaterializedViewsSection,
     PartitionsSection,
     PartitionTable,
+    QueryInsightsSection,
     SessionSettings,
     SqlJob,
     SqlSection,
@@ -44,6 +45,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("targets[].long_running_queries", LongRunningQueriesSection),
     ("targets[].bloat", BloatSection),
     ("targets[].health", HealthSection),
+    ("targets[].query_insights", QueryInsightsSection),
     ("targets[].sql", SqlSection),
     ("targets[].sql.jobs[]", SqlJob),
 ]

@@ -51,6 +51,10 @@ FINDINGS = (
     "prepared_transaction_old",
     "table_freeze_age",
     "autovacuum_lagging",
+    "slow_statement",
+    "n_plus_one_statement",
+    "unindexed_foreign_key",
+    "extension_missing",
 )
 
 
@@ -90,7 +94,8 @@ class Finding:
 
 @dataclass(frozen=True)
 class Sample:
-    """One gauge reading, named as in the spec without the `pgupkeep_` prefix.
+    """One gauge reading, named as in the spec without the `pgupkeep_` prefix; for a name in
+    metrics.SAMPLE_COUNTERS, the amount its counter moves by (a delta since the last run).
 
     Labels hold only policy names (table, view) and bounded states, never query text or pids.
     A job reports the whole set of a gauge family each run; series it stops reporting vanish.
