@@ -23,6 +23,8 @@ _ACTION_EVENTS = {
     "cancel_backend": "backend_signalled",
     "terminate_backend": "backend_signalled",
     "vacuum_table": "table_vacuumed",
+    "reindex_index": "index_reindexed",
+    "drop_invalid_index": "invalid_index_dropped",
 }
 _FINDING_EVENTS = {
     "long_running_query": ("long_running_query", "warning"),
@@ -38,6 +40,10 @@ _FINDING_EVENTS = {
     "connections_high": ("connections_high", "warning"),
     "table_skipped_locked": ("table_skipped_locked", "info"),
     "matview_refresh_skipped": ("matview_refresh_skipped", "info"),
+    "bloated_index": ("bloated_index", "warning"),
+    "index_skipped_locked": ("index_skipped_locked", "info"),
+    "insufficient_privilege": ("insufficient_privilege", "warning"),
+    "extension_missing": ("extension_missing", "info"),
 }
 
 

@@ -24,6 +24,8 @@ ACTIONS = (
     "cancel_backend",
     "terminate_backend",
     "vacuum_table",
+    "reindex_index",
+    "drop_invalid_index",
 )
 FINDINGS = (
     "long_running_query",
@@ -40,6 +42,10 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "bloated_index",
+    "index_skipped_locked",
+    "insufficient_privilege",
+    "extension_missing",
 )
 
 
