@@ -151,9 +151,10 @@ def reindex_step(ctx: JobContext, rebuild: Rebuild, window: Schedule | None, sta
         except (LockTimeoutError, psycopg.Error) as exc:
             cleanup.run()
             return _failed(row, planned, exc, cleanup, ctx)
-        size = conn.execute("SELECT pg_relation_size(%s::oid::regclass)", (row.oid,)).fetchone()
+        # The rebuilt index is a new relation (a new oid) under the old name.
+        size = conn.execute("SELECT pg_relation_size(to_regclass(%s))", (sql.Identifier(row.schema, row.name).as_string(conn),)).fetchone()
         done = {**detail, "outcome": "success", "seconds": round(time.monotonic() - t0, 3),
-                "size_bytes_after": int(size[0]) if size else None}  # fmt: skip
+                "size_bytes_after": int(size[0]) if size and size[0] is not None else None}  # fmt: skip
         if cleanup.dropped:
             done["dropped"] = cleanup.dropped
         return JobOutput(actions=[Action("reindex_index", row.qualified, text, True, done)])
