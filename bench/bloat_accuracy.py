@@ -65,7 +65,7 @@ def settle(dsn: str, table: str, live: int, dead: int, timeout: float = 60) -> N
 
 
 def build(dsn: str, name: str, rows: int, payload: str, *, delete_mod: tuple[int, int] | None = None,
-          vacuum: bool = False, update_indexed: bool = False, external: bool = False) -> str:
+          vacuum: bool = False, update_indexed: bool = False, external: bool = False, analyze_after: bool = False) -> str:
     """Create, fill, analyze; then delete `k` of every `m` rows (scattered), VACUUM or non-HOT update."""
     execute(
         dsn,
@@ -89,6 +89,8 @@ def build(dsn: str, name: str, rows: int, payload: str, *, delete_mod: tuple[int
     if vacuum:
         execute(dsn, f"VACUUM {name}")
         settle(dsn, name, live, 0)
+    if analyze_after:
+        execute(dsn, f"ANALYZE {name}")
     return name
 
 
@@ -213,6 +215,9 @@ def accuracy(admin_dsn: str, big_gb: float) -> list[str]:
         build(dsn, "del_80_vacuumed", ROWS, PAYLOAD, delete_mod=(4, 5), vacuum=True),
         build(dsn, "varied_nulls_del_50", ROWS, VARIED_PAYLOAD, delete_mod=(1, 2)),
         build(dsn, "varied_nulls_del_50_vacuumed", ROWS, VARIED_PAYLOAD, delete_mod=(1, 2), vacuum=True),
+        # The same after ANALYZE (as autovacuum does after a change of 10 %): here every null row
+        # was deleted, so until then the statistics describe rows that are no longer there.
+        build(dsn, "varied_nulls_del_50_vacuumed_analyzed", ROWS, VARIED_PAYLOAD, delete_mod=(1, 2), vacuum=True, analyze_after=True),
         build(dsn, "non_hot_updates", ROWS, PAYLOAD, update_indexed=True),
         build(dsn, "wide_rows_del_30", 40_000, WIDE_PAYLOAD, delete_mod=(3, 10)),
         build(dsn, "toast_del_50", 20_000, TOAST_PAYLOAD, delete_mod=(1, 2), external=True),
@@ -287,19 +292,23 @@ def accuracy(admin_dsn: str, big_gb: float) -> list[str]:
             after = c.execute("SELECT pg_relation_size(%s::regclass)", (f"public.{iname}",)).fetchone()[0]
             gain = 1 - after / size
             cp_ratio = cp.get(iname, 0) / size
+            dead = c.execute("SELECT pg_stat_get_dead_tuples(indrelid) FROM pg_index WHERE indexrelid = %s", (oid,)).fetchone()[0]
             errs = {"measured": (m.bloat_ratio - truth) * 100, "estimate": (e.bloat_ratio - truth) * 100,
-                    "check_postgres": (cp_ratio - truth) * 100, "reindex": (m.bloat_ratio - gain) * 100}  # fmt: skip
+                    "check_postgres": (cp_ratio - truth) * 100}  # fmt: skip
+            if dead == 0:  # a REINDEX also drops the entries of dead rows, which VACUUM has yet to free
+                errs["reindex"] = (m.bloat_ratio - gain) * 100
             for k, v in errs.items():
                 iworst[k] = max(iworst[k], abs(v))
             lines.append(
-                f"| {iname} | {size / 1024**2:.1f} MB | {truth:.1%} | {gain:.1%} | {m.bloat_ratio:.1%} | {e.bloat_ratio:.1%} "
+                f"| {iname} | {size / 1024**2:.1f} MB | {truth:.1%} | {gain:.1%}{'' if dead == 0 else ' (dead rows)'} "
+                f"| {m.bloat_ratio:.1%} | {e.bloat_ratio:.1%} "
                 f"| {errs['estimate']:+.1f} | {cp_ratio:.1%} | {errs['check_postgres']:+.1f} |"
             )
     lines += [
         "",
         f"Worst error (points, against pgstatindex): measured {iworst['measured']:.1f}, estimate alone "
         f"{iworst['estimate']:.1f}, check_postgres {iworst['check_postgres']:.1f}; measured against what REINDEX "
-        f"gave back: {iworst['reindex']:.1f}.",
+        f"gave back (tables without dead rows): {iworst['reindex']:.1f}.",
         f"The measured pass (pgstattuple_approx on {len(tables)} tables and their TOAST, pgstatindex on "
         f"{len(ms_i)} indexes) took {measured_seconds:.1f} s.",
     ]

@@ -61,6 +61,10 @@ SELECT p.oid, p.nspname, p.relname, rn.nspname AS root_schema, rc.relname AS roo
        pg_stat_get_tuples_updated(p.oid) + pg_stat_get_tuples_deleted(p.oid) AS n_tup_gone,
        CASE WHEN p.reltoastrelid <> 0 THEN pg_stat_get_live_tuples(p.reltoastrelid) END AS toast_live_tup,
        CASE WHEN p.reltoastrelid <> 0 THEN pg_stat_get_dead_tuples(p.reltoastrelid) END AS toast_dead_tup,
+       CASE WHEN p.reltoastrelid <> 0 THEN pg_stat_get_tuples_inserted(p.reltoastrelid) END AS toast_inserted,
+       CASE WHEN p.reltoastrelid <> 0 THEN pg_stat_get_vacuum_count(p.reltoastrelid)
+                                           + pg_stat_get_autovacuum_count(p.reltoastrelid) END AS toast_vacuums,
+       CASE WHEN p.reltoastrelid <> 0 THEN pg_stat_get_ins_since_vacuum(p.reltoastrelid) END AS toast_ins_since_vacuum,
        pg_stat_get_last_vacuum_time(p.oid) AS last_vacuum, pg_stat_get_last_autovacuum_time(p.oid) AS last_autovacuum,
        greatest(pg_stat_get_last_analyze_time(p.oid), pg_stat_get_last_autoanalyze_time(p.oid)) AS last_analyze
 FROM picked p
@@ -130,6 +134,9 @@ class TableRow:
     toast_bytes: int = 0
     toast_live_tup: int = 0
     toast_dead_tup: int = 0
+    toast_inserted: int = 0  # chunks ever written (since the statistics were reset)
+    toast_vacuums: int = 0
+    toast_ins_since_vacuum: int = 0
     n_tup_gone: int = 0  # rows updated or deleted since the statistics were reset
     last_analyze: datetime | None = None
 
@@ -186,6 +193,9 @@ def row_from_record(rec: Mapping[str, Any], columns: tuple[Column, ...] = ()) ->
         toast_bytes=_int(rec["toast_bytes"]),
         toast_live_tup=_int(rec["toast_live_tup"]),
         toast_dead_tup=_int(rec["toast_dead_tup"]),
+        toast_inserted=_int(rec["toast_inserted"]),
+        toast_vacuums=_int(rec["toast_vacuums"]),
+        toast_ins_since_vacuum=_int(rec["toast_ins_since_vacuum"]),
         n_tup_gone=_int(rec["n_tup_gone"]),
         last_analyze=rec["last_analyze"],
     )

@@ -161,18 +161,24 @@ def _maxalign(n: int) -> int:
 
 
 def toast_wasted(row: TableRow, s: Settings) -> float:
-    """Wasted TOAST bytes from the TOAST relation's own counters: a lower bound.
+    """Wasted TOAST bytes from the TOAST relation's own counters.
 
-    Each live chunk is counted as a full one (the last chunk of each value is smaller, and chunk
-    sizes are in no statistics), so the needed space is overstated and the waste understated;
-    pgstattuple_approx on the TOAST relation replaces this for the worst tables.
+    Chunk sizes are in no statistics (the last chunk of each value is smaller than the others).
+    While no freed space can have been reused (no VACUUM since the counters began, or one with no
+    insert since), the chunks ever written fill the relation, which gives their average size.
+    Otherwise each live chunk counts as a full one: the needed space is overstated and the
+    figure a lower bound. pgstattuple_approx on the TOAST relation replaces it for the worst tables.
     """
     size = row.toast_bytes
     if size == 0:
         return 0.0
     pages = size / s.block_size
-    needed = pages * PAGE_OVERHEAD + row.toast_live_tup * toast_chunk_bytes(s.block_size)
-    return max(0.0, size - needed)
+    usable = size - pages * PAGE_OVERHEAD
+    per_chunk = float(toast_chunk_bytes(s.block_size))
+    unreused = row.toast_vacuums == 0 or (row.toast_vacuums == 1 and row.toast_ins_since_vacuum == 0)
+    if unreused and row.toast_inserted > 0:
+        per_chunk = min(per_chunk, usable / row.toast_inserted)
+    return max(0.0, usable - row.toast_live_tup * per_chunk)
 
 
 def estimate(row: TableRow, s: Settings) -> TableBloat:
