@@ -78,18 +78,26 @@ LEFT JOIN pg_namespace rn ON rn.oid = rc.relnamespace
 # widths that the padding depends on; a value's stored width is its length plus a 1-byte header
 # (4 bytes above 126).
 COLUMNS_SQL = """
-SELECT a.attrelid AS oid, a.attlen, a.attalign::text AS attalign, s.avg_width, s.null_frac,
+WITH st AS MATERIALIZED (
+    -- Constant name filters reach inside the pg_stats view (its name comparisons are leakproof),
+    -- so it reads the statistics of these tables only; a join alone makes it build all of them.
+    SELECT s.schemaname, s.tablename, s.attname, s.avg_width, s.null_frac,
+           s.most_common_vals::text AS mcv, s.most_common_freqs, s.histogram_bounds::text AS hist
+    FROM pg_stats s
+    WHERE s.tablename = ANY(%(names)s::name[]) AND s.schemaname = ANY(%(schemas)s::name[]) AND NOT s.inherited
+)
+SELECT a.attrelid AS oid, a.attlen, a.attalign::text AS attalign, st.avg_width, st.null_frac,
        CASE WHEN a.attlen = -1 AND ty.typcategory = 'S' THEN
-           (SELECT array_agg(octet_length(v)) FROM unnest(s.most_common_vals::text::text[]) v) END AS mcv_len,
-       CASE WHEN a.attlen = -1 AND ty.typcategory = 'S' THEN s.most_common_freqs END AS mcv_freq,
+           (SELECT array_agg(octet_length(v)) FROM unnest(st.mcv::text[]) v) END AS mcv_len,
+       CASE WHEN a.attlen = -1 AND ty.typcategory = 'S' THEN st.most_common_freqs END AS mcv_freq,
        CASE WHEN a.attlen = -1 AND ty.typcategory = 'S' THEN
-           (SELECT array_agg(octet_length(v)) FROM unnest(s.histogram_bounds::text::text[]) v) END AS hist_len
+           (SELECT array_agg(octet_length(v)) FROM unnest(st.hist::text[]) v) END AS hist_len
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 JOIN pg_type ty ON ty.oid = a.atttypid
-LEFT JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = a.attname AND NOT s.inherited
-WHERE c.oid = ANY(%s::oid[])
+LEFT JOIN st ON st.schemaname = n.nspname AND st.tablename = c.relname AND st.attname = a.attname
+WHERE c.oid = ANY(%(oids)s::oid[])
 ORDER BY a.attrelid, a.attnum
 """
 
@@ -262,10 +270,12 @@ def read_tables(conn: psycopg.Connection, min_size: int, settings: Settings, mem
     wanted = [r for r in records if r["size_bytes"] is not None]
     stale = [int(r["oid"]) for r in wanted if cache.get(int(r["oid"]), (None,))[0] != (r["last_analyze"], r["relnatts"])]
     if stale:
-        with conn.cursor(row_factory=dict_row) as cur:
-            per_table = grouped(cur.execute(COLUMNS_SQL, (stale,)).fetchall())
-        fetched = {oid: tuple(column_from_record(c) for c in cols) for oid, cols in per_table.items()}
         by_oid = {int(r["oid"]): r for r in wanted}
+        with conn.cursor(row_factory=dict_row) as cur:
+            params = {"oids": stale, "names": sorted({by_oid[o]["relname"] for o in stale}),
+                      "schemas": sorted({by_oid[o]["nspname"] for o in stale})}  # fmt: skip
+            per_table = grouped(cur.execute(COLUMNS_SQL, params).fetchall())
+        fetched = {oid: tuple(column_from_record(c) for c in cols) for oid, cols in per_table.items()}
         for oid in stale:
             cache[oid] = ((by_oid[oid]["last_analyze"], by_oid[oid]["relnatts"]), fetched.get(oid, ()))
     live = {int(r["oid"]) for r in records}

@@ -63,30 +63,41 @@ WHERE ct.relkind IN ('r', 'm') AND ct.relpersistence <> 't'
 # expression's are kept under the index itself. `equalimage`: deduplication is safe for the
 # column's opclass (btequalimage support function, deterministic collation).
 INDEX_COLUMNS_SQL = """
-SELECT k.oid, ia.attlen, ia.attalign::text AS attalign, s.avg_width, s.null_frac, s.n_distinct,
-       CASE WHEN ia.attlen = -1 AND ty.typcategory = 'S' THEN
-           (SELECT array_agg(octet_length(v)) FROM unnest(s.most_common_vals::text::text[]) v) END AS mcv_len,
-       CASE WHEN ia.attlen = -1 AND ty.typcategory = 'S' THEN s.most_common_freqs END AS mcv_freq,
-       CASE WHEN ia.attlen = -1 AND ty.typcategory = 'S' THEN
-           (SELECT array_agg(octet_length(v)) FROM unnest(s.histogram_bounds::text::text[]) v) END AS hist_len,
+WITH k AS (
+    SELECT i.indexrelid AS oid, g.n, i.indclass[g.n - 1] AS opclass, i.indcollation[g.n - 1] AS collation,
+           ia.attlen, ia.attalign, ia.atttypid,
+           -- where the statistics are: a plain column's under its table, an expression's under the index
+           coalesce(nt.nspname, ni.nspname) AS stat_schema, coalesce(ct.relname, ci.relname) AS stat_table,
+           coalesce(ta.attname, ia.attname) AS stat_column
+    FROM pg_index i
+    CROSS JOIN generate_series(1, i.indnatts) g(n)
+    JOIN pg_class ci ON ci.oid = i.indexrelid
+    JOIN pg_namespace ni ON ni.oid = ci.relnamespace
+    JOIN pg_attribute ia ON ia.attrelid = ci.oid AND ia.attnum = g.n
+    LEFT JOIN pg_attribute ta ON ta.attrelid = i.indrelid AND ta.attnum = i.indkey[g.n - 1] AND i.indkey[g.n - 1] <> 0
+    LEFT JOIN pg_class ct ON ct.oid = ta.attrelid
+    LEFT JOIN pg_namespace nt ON nt.oid = ct.relnamespace
+    WHERE i.indexrelid = ANY(%(oids)s::oid[])
+), st AS MATERIALIZED (
+    -- Constant name filters reach inside the pg_stats view: it reads these relations' statistics only.
+    SELECT ps.schemaname, ps.tablename, ps.attname, ps.avg_width, ps.null_frac, ps.n_distinct,
+           ps.most_common_vals::text AS mcv, ps.most_common_freqs, ps.histogram_bounds::text AS hist
+    FROM pg_stats ps
+    WHERE ps.tablename = ANY(%(names)s::name[]) AND ps.schemaname = ANY(%(schemas)s::name[]) AND NOT ps.inherited
+)
+SELECT k.oid, k.attlen, k.attalign::text AS attalign, s.avg_width, s.null_frac, s.n_distinct,
+       CASE WHEN k.attlen = -1 AND ty.typcategory = 'S' THEN
+           (SELECT array_agg(octet_length(v)) FROM unnest(s.mcv::text[]) v) END AS mcv_len,
+       CASE WHEN k.attlen = -1 AND ty.typcategory = 'S' THEN s.most_common_freqs END AS mcv_freq,
+       CASE WHEN k.attlen = -1 AND ty.typcategory = 'S' THEN
+           (SELECT array_agg(octet_length(v)) FROM unnest(s.hist::text[]) v) END AS hist_len,
        EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_amproc ap ON ap.amprocfamily = oc.opcfamily
                 AND ap.amproclefttype = oc.opcintype AND ap.amprocrighttype = oc.opcintype AND ap.amprocnum = 4
-               WHERE oc.oid = i.indclass[k.n - 1])
-       AND coalesce((SELECT co.collisdeterministic FROM pg_collation co WHERE co.oid = i.indcollation[k.n - 1]), true)
-           AS equalimage
-FROM (SELECT i.indexrelid AS oid, g.n FROM pg_index i, generate_series(1, i.indnatts) g(n)
-      WHERE i.indexrelid = ANY(%s::oid[])) k
-JOIN pg_index i ON i.indexrelid = k.oid
-JOIN pg_class ci ON ci.oid = i.indexrelid
-JOIN pg_namespace ni ON ni.oid = ci.relnamespace
-JOIN pg_attribute ia ON ia.attrelid = ci.oid AND ia.attnum = k.n
-JOIN pg_type ty ON ty.oid = ia.atttypid
-JOIN pg_class ct ON ct.oid = i.indrelid
-JOIN pg_namespace nt ON nt.oid = ct.relnamespace
-LEFT JOIN pg_attribute ta ON ta.attrelid = ct.oid AND ta.attnum = i.indkey[k.n - 1] AND i.indkey[k.n - 1] <> 0
-LEFT JOIN pg_stats s ON NOT s.inherited AND (
-      (ta.attname IS NOT NULL AND s.schemaname = nt.nspname AND s.tablename = ct.relname AND s.attname = ta.attname)
-   OR (ta.attname IS NULL AND s.schemaname = ni.nspname AND s.tablename = ci.relname AND s.attname = ia.attname))
+               WHERE oc.oid = k.opclass)
+       AND coalesce((SELECT co.collisdeterministic FROM pg_collation co WHERE co.oid = k.collation), true) AS equalimage
+FROM k
+JOIN pg_type ty ON ty.oid = k.atttypid
+LEFT JOIN st s ON s.schemaname = k.stat_schema AND s.tablename = k.stat_table AND s.attname = k.stat_column
 ORDER BY k.oid, k.n
 """
 
@@ -187,7 +198,10 @@ def read_indexes(
     stale = [r.oid for r in wanted if cache.get(r.oid, (None,))[0] != (r.table_reltuples, r.reltuples)]
     if stale:
         with conn.cursor(row_factory=dict_row) as cur:
-            fetched = {oid: key_columns(cols) for oid, cols in grouped(cur.execute(INDEX_COLUMNS_SQL, (stale,)).fetchall()).items()}
+            # Statistics of a plain column are under its table, of an expression under the index.
+            params = {"oids": stale, "names": sorted({n for r in wanted if r.oid in stale for n in (r.name, r.table_ident[1])}),
+                      "schemas": sorted({n for r in wanted if r.oid in stale for n in (r.schema, r.table_ident[0])})}  # fmt: skip
+            fetched = {oid: key_columns(cols) for oid, cols in grouped(cur.execute(INDEX_COLUMNS_SQL, params).fetchall()).items()}
         by_oid = {r.oid: r for r in wanted}
         for oid in stale:
             cache[oid] = ((by_oid[oid].table_reltuples, by_oid[oid].reltuples), fetched.get(oid, ((), False)))
