@@ -385,8 +385,12 @@ def locked_table(fresh_database: str) -> Iterator[tuple[str, int]]:
 def test_table_locked_access_exclusive_is_skipped_without_waiting(locked_table: tuple[str, int]):
     dsn, pid = locked_table
     started = time.monotonic()
-    out = run_job(dsn, "exact_time_budget: 10s\nvacuum: true")
+    out = run_job(dsn, "exact_time_budget: 10s\nvacuum: true\nmin_index_size: 100kB")
     assert time.monotonic() - started < 2.5  # lock_timeout is 3s: nothing waited for it
+    assert [(f.object, f.detail["lock"], f.detail["blocking_pids"]) for f in out.findings if f.kind == "index_skipped_locked"] == [
+        ("public.busy_pkey", "held", [pid])
+    ]
+    assert "public.free_pkey" in {s.labels.get("index") for s in out.samples}  # the other table's index is measured
 
     skipped = [f.to_dict() for f in out.findings if f.kind == "table_skipped_locked"]
     assert skipped == [
