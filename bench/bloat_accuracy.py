@@ -357,6 +357,7 @@ def main() -> None:
     ap.add_argument("--dsn", default=os.environ.get("PGUPKEEP_BENCH_DSN"))
     ap.add_argument("--big-gb", type=float, default=0.0, help="size of an extra large table; 0 skips it")
     ap.add_argument("--tables", type=int, default=10_000, help="tables for the timing run; 0 skips it")
+    ap.add_argument("--skip-accuracy", action="store_true", help="only the timing run")
     args = ap.parse_args()
     server = None
     if not args.dsn:
@@ -371,8 +372,9 @@ def main() -> None:
         print(f"- server: {version}")
         print(f"- {cp_version}")
         print(f"- pgupkeep: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}\n")
-        print("## Accuracy\n")
-        print("\n".join(accuracy(args.dsn, args.big_gb)))
+        if not args.skip_accuracy:
+            print("## Accuracy\n")
+            print("\n".join(accuracy(args.dsn, args.big_gb)))
         if args.tables:
             print("\n## Speed\n")
             print("\n".join(many_tables(args.dsn, args.tables)))

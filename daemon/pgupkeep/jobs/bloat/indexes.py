@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -34,6 +34,15 @@ INDEXES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + """, cand AS (
     SELECT c.oid FROM pg_class c WHERE c.relkind = 'i' AND c.relpages >= %(min_pages)s
     UNION
     SELECT i.indexrelid FROM pg_index i WHERE NOT i.indisvalid OR i.indrelid = ANY(%(grown)s::oid[])
+), building AS (
+    -- Tables with an index build in progress: its session holds SHARE UPDATE EXCLUSIVE (CONCURRENTLY)
+    -- or SHARE on the table, or reports progress. Read once, not per index.
+    SELECT l.relation AS oid FROM pg_locks l
+    WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.mode IN ('ShareUpdateExclusiveLock', 'ShareLock')
+    UNION
+    SELECT p.relid FROM pg_stat_progress_create_index p WHERE p.datname = current_database()
 )
 SELECT ci.oid, n.nspname, ci.relname, ct.oid AS table_oid, tn.nspname AS table_schema, ct.relname AS table_name,
        am.amname, i.indisunique, i.indisprimary, i.indisvalid, i.indisready, i.indnkeyatts,
@@ -42,10 +51,8 @@ SELECT ci.oid, n.nspname, ci.relname, ct.oid AS table_oid, tn.nspname AS table_s
        array_remove(array_cat(lk.pids, lt.pids), NULL) AS lock_pids,
        CASE WHEN lk.relation IS NULL AND lt.relation IS NULL THEN pg_relation_size(ci.oid) END AS size_bytes,
        pg_stat_get_live_tuples(ct.oid) + pg_stat_get_dead_tuples(ct.oid) AS table_tuples,
-       EXISTS (SELECT 1 FROM pg_constraint x WHERE x.conindid = ci.oid AND x.contype = 'x') AS exclusion,
-       (EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'relation' AND l.relation = ct.oid AND l.granted
-                  AND l.pid <> pg_backend_pid() AND l.mode IN ('ShareUpdateExclusiveLock', 'ShareLock'))
-        OR EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.relid = ct.oid)) AS build_running
+       x.conindid IS NOT NULL AS exclusion,
+       b.oid IS NOT NULL AS build_running
 FROM cand
 JOIN pg_index i ON i.indexrelid = cand.oid
 JOIN pg_class ci ON ci.oid = i.indexrelid
@@ -55,6 +62,8 @@ JOIN pg_namespace tn ON tn.oid = ct.relnamespace
 JOIN pg_am am ON am.oid = ci.relam
 LEFT JOIN exclusive_locks lk ON lk.relation = ci.oid
 LEFT JOIN exclusive_locks lt ON lt.relation = ct.oid
+LEFT JOIN (SELECT DISTINCT conindid FROM pg_constraint WHERE contype = 'x') x ON x.conindid = ci.oid
+LEFT JOIN (SELECT DISTINCT oid FROM building) b ON b.oid = ct.oid
 WHERE ct.relkind IN ('r', 'm') AND ct.relpersistence <> 't'
   AND tn.nspname NOT IN ('pg_catalog', 'information_schema') AND tn.nspname !~ '^pg_toast'
 """
@@ -160,7 +169,7 @@ class IndexBloat:
         return min(1.0, self.bloat_bytes / self.size_bytes) if self.size_bytes else 0.0
 
 
-def index_from_record(rec: Mapping[str, Any]) -> IndexRow:
+def index_from_record(rec: Mapping[str, Any], columns: tuple[KeyColumn, ...] = (), equalimage: bool = False) -> IndexRow:
     return IndexRow(
         oid=int(rec["oid"]), schema=rec["nspname"], name=rec["relname"], table_oid=int(rec["table_oid"]),
         table=f"{rec['table_schema']}.{rec['table_name']}", table_ident=(rec["table_schema"], rec["table_name"]),
@@ -170,7 +179,7 @@ def index_from_record(rec: Mapping[str, Any]) -> IndexRow:
         reltuples=float(rec["reltuples"]), table_reltuples=float(rec["table_reltuples"]),
         table_tuples=int(rec["table_tuples"] or 0),
         size_bytes=None if rec["size_bytes"] is None else int(rec["size_bytes"]),
-        lock_granted=rec["lock_granted"], lock_pids=tuple(rec["lock_pids"] or ()),
+        lock_granted=rec["lock_granted"], lock_pids=tuple(rec["lock_pids"] or ()), columns=columns, equalimage=equalimage,
     )  # fmt: skip
 
 
@@ -191,28 +200,25 @@ def read_indexes(
         with conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(INDEXES_SQL, {"min_pages": min_pages, "grown": list(grown)}).fetchall()
 
-    rows = [index_from_record(r) for r in read_past_exclusive_locks(read)]
-    wanted = [r for r in rows if r.am == "btree" and r.valid and r.size_bytes is not None and r.size_bytes >= min_size]
+    records = read_past_exclusive_locks(read)
+    wanted = [r for r in records if r["amname"] == "btree" and r["indisvalid"] and r["size_bytes"] is not None
+              and r["size_bytes"] >= min_size]  # fmt: skip
     cache: dict[int, tuple[Any, tuple[tuple[KeyColumn, ...], bool]]] = memo.setdefault("index_columns", {})
-    # Keyed by the table's row estimate, which every ANALYZE (and VACUUM) rewrites.
-    stale = [r.oid for r in wanted if cache.get(r.oid, (None,))[0] != (r.table_reltuples, r.reltuples)]
+    # Keyed by the row estimates, which every ANALYZE (and VACUUM) rewrites.
+    stale = [r for r in wanted if cache.get(int(r["oid"]), (None,))[0] != (r["table_reltuples"], r["reltuples"])]
     if stale:
+        # Statistics of a plain column are under its table, of an expression under the index.
+        params = {"oids": [int(r["oid"]) for r in stale],
+                  "names": sorted({n for r in stale for n in (r["relname"], r["table_name"])}),
+                  "schemas": sorted({n for r in stale for n in (r["nspname"], r["table_schema"])})}  # fmt: skip
         with conn.cursor(row_factory=dict_row) as cur:
-            # Statistics of a plain column are under its table, of an expression under the index.
-            params = {"oids": stale, "names": sorted({n for r in wanted if r.oid in stale for n in (r.name, r.table_ident[1])}),
-                      "schemas": sorted({n for r in wanted if r.oid in stale for n in (r.schema, r.table_ident[0])})}  # fmt: skip
             fetched = {oid: key_columns(cols) for oid, cols in grouped(cur.execute(INDEX_COLUMNS_SQL, params).fetchall()).items()}
-        by_oid = {r.oid: r for r in wanted}
-        for oid in stale:
-            cache[oid] = ((by_oid[oid].table_reltuples, by_oid[oid].reltuples), fetched.get(oid, ((), False)))
-    keep = {r.oid for r in rows}
+        for r in stale:
+            cache[int(r["oid"])] = ((r["table_reltuples"], r["reltuples"]), fetched.get(int(r["oid"]), ((), False)))
+    keep = {int(r["oid"]) for r in records}
     for oid in [o for o in cache if o not in keep]:
         del cache[oid]
-    out = []
-    for r in rows:
-        cols, equalimage = cache[r.oid][1] if r.oid in cache else ((), False)
-        out.append(replace(r, columns=cols, equalimage=equalimage))
-    return out
+    return [index_from_record(r, *(cache[int(r["oid"])][1] if int(r["oid"]) in cache else ((), False))) for r in records]
 
 
 # --------------------------------------------------------------------------- the model (pure)

@@ -8,6 +8,7 @@ columns out) and averages each row's padding, with a null bitmap only in rows th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ def heap_tuple(columns: Sequence[Column], natts: int) -> tuple[float, float] | N
 
     None when a column has no statistics.
     """
+    return _heap_tuple(tuple(columns), natts)
+
+
+@functools.lru_cache(maxsize=4096)  # tables of one schema (partitions) share their layouts
+def _heap_tuple(columns: tuple[Column, ...], natts: int) -> tuple[float, float] | None:
     if not columns or any(c.avg_width is None for c in columns):
         return None
     plain = align(HEAP_HEADER, MAXALIGN)
@@ -104,6 +110,11 @@ def heap_tuple(columns: Sequence[Column], natts: int) -> tuple[float, float] | N
 def index_tuple(columns: Sequence[Column]) -> tuple[float, float] | None:
     """(bytes one plain index entry takes: MAXALIGNed tuple plus line pointer, its key bytes
     with the header MAXALIGNed, as a posting-list tuple's key part). None without statistics."""
+    return _index_tuple(tuple(columns))
+
+
+@functools.lru_cache(maxsize=4096)
+def _index_tuple(columns: tuple[Column, ...]) -> tuple[float, float] | None:
     if not columns or any(c.avg_width is None for c in columns):
         return None
     header = INDEX_HEADER + _null_row_share(columns) * (align(INDEX_HEADER + INDEX_NULL_BITMAP, MAXALIGN) - INDEX_HEADER)
