@@ -24,6 +24,9 @@ from pgupkeep.pgserver import LocalServer, ServerError, candidate_bindirs, start
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Fixtures of held sessions (roles, sessions, app) for the session-judgement tests.
+pytest_plugins = ["session_helpers"]
+
 
 @dataclass
 class PgServer:

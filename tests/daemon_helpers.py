@@ -29,7 +29,7 @@ from pgupkeep.pgserver import free_port
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
-# The keys every JSON log line carries (SPEC "Logs").
+# The keys every JSON log line carries (README and docs/operations.md, "Troubleshooting by log event").
 LOG_KEYS = ("timestamp", "level", "event")
 
 

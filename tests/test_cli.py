@@ -48,7 +48,7 @@ def test_version_and_help():
 def test_check_accepts_the_example_policy():
     out = cli("check", "--config", "config/policy.yaml")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.startswith("config/policy.yaml: valid: 2 targets")
+    assert out.stdout.startswith("config/policy.yaml: valid: 3 targets (1 discovering databases")
 
 
 def test_check_lists_every_problem_and_exits_2(tmp_path):

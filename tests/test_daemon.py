@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from daemon_helpers import LOG_KEYS, Daemon, wait_until, write_policy
-from pgupkeep.metrics import METRIC_NAMES
+from pgupkeep.metrics import METRIC_NAMES, PROCESS_METRIC_NAMES
 from pgupkeep.policy import parse_policy
 from pgupkeep.runner import Runner
 from pgupkeep.schedules import parse_schedule
@@ -192,9 +192,8 @@ def test_http_endpoints_and_json_logs(database: str, tmp_path: Path) -> None:
         assert m[("pgupkeep_database_size_bytes", frozenset({("target", "shop")}))] > 0
         # Nothing but the documented families, and labels only from the policy.
         families = {re.sub(r"(_bucket|_count|_sum)$", "", name) for name, _ in m}
-        assert families <= METRIC_NAMES | {"pgupkeep_job_runs", "pgupkeep_job_skipped_overrun"} | {
-            n.removesuffix("_total") for n in METRIC_NAMES
-        }, families - METRIC_NAMES
+        known = METRIC_NAMES | PROCESS_METRIC_NAMES
+        assert families <= known | {n.removesuffix("_total") for n in known}, families - known
         assert {v for name, labels in m for k, v in labels if k == "target"} == {"shop"}
 
         assert d.stop() == 0

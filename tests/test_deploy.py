@@ -38,6 +38,7 @@ LOG_EVENTS = (
     "daemon_started", "daemon_stopped", "policy_loaded", "policy_reload_failed", "target_unreachable",
     "job_finished", "partition_created", "partition_retired", "default_partition_conflict",
     "lock_timeout", "matview_refreshed", "long_running_query", "idle_in_transaction",
+    "lock_wait",
     "backend_signalled", "bloated_table", "table_vacuumed", "invalid_index", "xid_wraparound_risk",
 )  # fmt: skip
 # Series Prometheus makes itself, which rules may use besides pgupkeep's own.

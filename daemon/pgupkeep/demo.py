@@ -9,7 +9,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -52,24 +51,24 @@ def find_config(config: str | None) -> Path:
     )
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Same option as the HTTP server, so a port in TIME_WAIT counts as free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
+def port_is_free(listen: str) -> bool:
+    """Could the HTTP server bind this address now? (The same bind, SO_REUSEADDR and all.)"""
+    from pgupkeep.http import ListenError, bind
+
+    try:
+        bind(listen).close()
+    except ListenError:
+        return False
     return True
 
 
 def choose_listen(policy_listen: str, metrics_port: int | None) -> tuple[str, str | None]:
     """The HTTP listen address, and a note for the user when the policy's port is taken."""
-    host, _, port = policy_listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, _, port = policy_listen.rpartition(":")  # host keeps an IPv6 address's brackets
+    host = host or "127.0.0.1"
     if metrics_port is not None:
         return f"{host}:{metrics_port}", None
-    if port_is_free(host, int(port)):
+    if port_is_free(policy_listen):
         return policy_listen, None
     return (
         f"{host}:0",
@@ -130,6 +129,31 @@ def _banner(
     return "\n".join(lines)
 
 
+def _closing(banner: str) -> str:
+    """The banner again when the demo ends, so it is found below the log lines."""
+    lines = [line for line in banner.splitlines() if line.startswith("  ")]
+    return "\n".join(["", "pgupkeep demo: stopped. It ran with:", *lines, ""])
+
+
+def metrics_url(listen: str) -> str:
+    """Where a browser on this machine finds /metrics for a listen address."""
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}/metrics"
+
+
+def _concrete(listen: str) -> str:
+    """The listen address with port 0 replaced by a port free now."""
+    from pgupkeep.http import bind
+
+    host, _, port = listen.rpartition(":")
+    if port != "0":
+        return listen
+    with bind(listen) as sock:
+        return f"{host}:{sock.getsockname()[1]}"
+
+
 def _raise_interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -148,6 +172,7 @@ def run_demo(
     server: LocalServer | None = None
     data: DataDir | None = None
     sessions: Sessions | None = None
+    banner = ""
     logs.configure("info", "auto")  # until the policy's own settings are read
     log = logs.get_logger()
     # Until the daemon's own handlers are in place, SIGTERM unwinds like Ctrl-C: nothing is left behind.
@@ -170,7 +195,12 @@ def run_demo(
         except PolicyError as exc:
             raise DemoError("\n".join(str(p) for p in exc.problems)) from None
         listen, note = choose_listen(policy.daemon.listen, metrics_port)
+        listen = _concrete(listen)  # the port is in the banner, printed before the server binds it
         policy = _with_listen(policy, listen)
+        url = metrics_url(listen)
+        # The banner comes first, before any log line can bury it (and again when the demo ends).
+        banner = _banner(server, data, config_path, dsn, url, note)
+        print(banner, file=sys.stderr, flush=True)
         logs.configure(policy.daemon.log_level, policy.daemon.log_format)
         log = logs.get_logger()
         service = Service(config_path, policy)
@@ -179,9 +209,6 @@ def run_demo(
         sessions.start()
         service.install_signal_handlers()
         service.start()
-        assert service.http is not None
-        url = f"http://127.0.0.1:{service.http.port}/metrics"
-        print(_banner(server, data, config_path, dsn, url, note), file=sys.stderr, flush=True)
         log.info(
             "demo_started",
             dsn=dsn,
@@ -205,6 +232,8 @@ def run_demo(
     finally:
         _clean_up(server, data, sessions, log)
         signal.signal(signal.SIGTERM, previous_term)
+        if banner:
+            print(_closing(banner), file=sys.stderr, flush=True)
 
 
 def _hint(exc: Exception, data_dir: str | None) -> str:

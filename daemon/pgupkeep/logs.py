@@ -6,6 +6,7 @@ one `job_finished` line, plus one event per action and finding that an operator 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, TextIO
@@ -40,6 +41,7 @@ _FINDING_EVENTS = {
     "connections_high": ("connections_high", "warning"),
     "table_skipped_locked": ("table_skipped_locked", "info"),
     "matview_refresh_skipped": ("matview_refresh_skipped", "info"),
+    "lock_wait": ("lock_wait", "warning"),
     "bloated_index": ("bloated_index", "warning"),
     "index_skipped_locked": ("index_skipped_locked", "info"),
     "insufficient_privilege": ("insufficient_privilege", "warning"),
@@ -52,11 +54,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
+    renderer: Any = ConsoleRenderer(colors=stream.isatty()) if fmt == "console" else structlog.processors.JSONRenderer()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -98,6 +96,41 @@ def _order_keys(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     # timestamp, level and event first: the line reads the way people scan it.
     head = {k: event.pop(k) for k in ("timestamp", "level", "event") if k in event}
     return {**head, **event}
+
+
+# Console lines lead with what happened and to what; the rest follows in the order logged.
+CONSOLE_FIRST = ("target", "job", "item", "object", "outcome", "message", "error", "reason")
+_LEVEL_COLORS = {"debug": "\x1b[2m", "info": "", "warning": "\x1b[33m", "error": "\x1b[31m", "critical": "\x1b[31;1m"}
+
+
+class ConsoleRenderer:
+    """A line for a person at a terminal: the event first, then the keys that matter, then the
+    rest; the level only when it is not info, the time last."""
+
+    def __init__(self, colors: bool = False):
+        self.colors = colors
+
+    def __call__(self, _: Any, __: str, event: dict[str, Any]) -> str:
+        event = dict(event)
+        name = str(event.pop("event", ""))
+        level = str(event.pop("level", "info"))
+        stamp = str(event.pop("timestamp", ""))
+        exception = event.pop("exception", None)
+        first = [k for k in CONSOLE_FIRST if k in event]
+        keys = first + [k for k in event if k not in first]
+        color, bold, reset = (_LEVEL_COLORS.get(level, ""), "\x1b[1m", "\x1b[0m") if self.colors else ("", "", "")
+        head = f"{color}{bold}{name}{reset}" + (f" {color}[{level}]{reset}" if level != "info" else "")
+        fields = " ".join(f"{k}={_console_value(event[k])}" for k in keys)
+        line = f"{head}  {fields}" if fields else head
+        if stamp:
+            line += f"  ({stamp[11:19] if len(stamp) >= 19 else stamp})"
+        return line + (f"\n{exception}" if exception else "")
+
+
+def _console_value(value: Any) -> str:
+    if not isinstance(value, str):
+        return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False) if not value or any(c.isspace() or c in '"=' for c in value) else value
 
 
 def get_logger(**context: Any) -> Any:

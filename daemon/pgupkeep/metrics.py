@@ -1,23 +1,33 @@
 """Every Prometheus metric pgupkeep exports, and `record(result)` that moves them.
 
-Counters are derived from a result's actions and findings, gauges from its samples. A scrape only
-reads these objects: it never touches a database.
+Counters are derived from a result's actions and findings. Job gauges are not stored at all: a
+collector renders each (target, job, item)'s last result's samples, so a series exists only while
+the last result carries it, and forgetting a target is deleting its results. A scrape only reads
+memory: it never touches a database.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from pgupkeep import __version__
-from pgupkeep.results import JobResult
+from pgupkeep.results import JobResult, Sample
 
 # `_created` series double the series count and tell an operator nothing here.
 disable_created_metrics()
@@ -34,8 +44,11 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "long_running_queries": (("state",), "Sessions over threshold, by state (active, idle_in_transaction)."),
     "longest_query_seconds": (("state",), "Age of the oldest session over threshold in that state."),
     "oldest_transaction_seconds": ((), "Age of the oldest open transaction of a client backend."),
-    "connections": (("state",), "Sessions by state."),
-    "connections_max": ((), "The server's max_connections."),
+    "lock_waiting_sessions": ((), "Sessions waiting on a lock longer than lock_wait_after."),
+    "longest_lock_wait_seconds": ((), "Longest current wait of a session on a lock."),
+    "connections": (("state",), "Client sessions of the target's database, by state."),
+    "connections_max": (("server",), "The server's max_connections (server: host:port/system identifier)."),
+    "server_connections": (("server",), "Client sessions of the whole server, every database (server: host:port/system identifier)."),
     "bloated_tables": ((), "Tables over any bloat threshold."),
     "table_dead_tuples": (("table",), "Dead tuples (worst report_top tables)."),
     "table_dead_tuple_ratio": (("table",), "Dead tuples / all tuples, 0-1 (worst report_top tables)."),
@@ -49,6 +62,69 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "unused_indexes": ((), "Unused indexes over the size threshold."),
     "database_size_bytes": ((), "Database size in bytes."),
 }
+
+
+ResultKey = tuple[str, str, str | None]  # (target, job, item)
+
+
+class LastResults(Collector):
+    """The job gauges: each (target, job, item)'s last measuring result's samples, rendered at
+    collection. A sample a job did not report is no series."""
+
+    def __init__(self) -> None:
+        self.samples: dict[ResultKey, tuple[Sample, ...]] = {}
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("pgupkeep_" + name, help_, labels=["target", *labels])
+                for name, (labels, help_) in SAMPLE_GAUGES.items()]  # fmt: skip
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        families = {
+            name: GaugeMetricFamily("pgupkeep_" + name, help_, labels=["target", *labels])
+            for name, (labels, help_) in SAMPLE_GAUGES.items()
+        }
+        seen: set[tuple[str, tuple[str, ...]]] = set()
+        # Sorted for a stable page; where two runs report one series, the first in that order wins.
+        for (target, _job, _item), samples in sorted(self.samples.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "")):
+            for sample in samples:
+                spec = SAMPLE_GAUGES.get(sample.metric)
+                if spec is None:
+                    continue  # an unknown name is a job bug; never let it break the scrape
+                values = (target, *(str(sample.labels.get(name, "")) for name in spec[0]))
+                if (sample.metric, values) in seen:
+                    continue
+                seen.add((sample.metric, values))
+                families[sample.metric].add_metric(list(values), sample.value)
+        return [f for f in families.values() if f.samples]
+
+
+class TargetStates(Collector):
+    """pgupkeep_targets{state}: how many of this replica's targets it leads, follows, cannot reach
+    (a fleet-level figure that stays one series per state however many databases there are)."""
+
+    STATES = ("leading", "following", "unreachable")
+
+    def __init__(self) -> None:
+        self.targets: set[str] = set()
+        self.up: dict[str, bool] = {}
+        self.leader: dict[str, bool] = {}
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("pgupkeep_targets", "Targets by state in this replica.", labels=["state"])]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        counts = dict.fromkeys(self.STATES, 0)
+        for t in self.targets:
+            if self.up.get(t) is False:
+                counts["unreachable"] += 1
+            elif self.leader.get(t):
+                counts["leading"] += 1
+            else:
+                counts["following"] += 1
+        family = GaugeMetricFamily("pgupkeep_targets", "Targets by state in this replica.", labels=["state"])
+        for state, n in counts.items():
+            family.add_metric([state], n)
+        return [family]
 
 
 class Metrics:
@@ -93,19 +169,26 @@ class Metrics:
         )  # fmt: skip
         self.tables_vacuumed = Counter(p + "tables_vacuumed_total", "Tables vacuumed.", ["target"], registry=r)
         self.indexes_reindexed = Counter(p + "indexes_reindexed_total", "Indexes rebuilt (REINDEX INDEX CONCURRENTLY).", ["target"], registry=r)
-        self.gauges: dict[str, Gauge] = {
-            name: Gauge(p + name, help_, ["target", *labels], registry=r)
-            for name, (labels, help_) in SAMPLE_GAUGES.items()
-        }
-        # (target, job, item, gauge) -> label tuples set by the last result, so series a job
-        # stops reporting are removed instead of lingering with stale values.
-        self._series: dict[tuple[str, str, str | None, str], set[tuple[str, ...]]] = {}
+        self.lease_changes = Counter(
+            p + "lease_changes_total", "Lease changes of this replica: acquired, lost, released.",
+            ["target", "change"], registry=r,
+        )  # fmt: skip
+        self.job_missed = Counter(
+            p + "job_missed_total", "Runs not started because the scheduler was late past misfire_grace.",
+            ["target", "job"], registry=r,
+        )  # fmt: skip
+        self.last = LastResults()
+        r.register(self.last)
+        self.states = TargetStates()
+        r.register(self.states)
+        ProcessCollector(registry=r)
         self._lock = threading.RLock()
         # content type -> (encoder, rendered body). A scrape sends these bytes and never renders
         # (but for the first scrape of a format); a background thread renders again after a
         # change, at most once every `render_every` seconds and never more than ~2 % of a core.
         self._pages: dict[str, tuple[Any, bytes]] = {}
         self._dirty = threading.Event()
+        self._urgent = threading.Event()  # a leadership change: render now, not after the pause
         self._renderer: threading.Thread | None = None
         self.render_every = render_every
 
@@ -135,7 +218,8 @@ class Metrics:
                     self._pages[content_type] = (encoder, encoder(self.registry))
             spent = time.monotonic() - started
             # Changes during the pause are picked up by the next rendering: coalesced, not queued.
-            time.sleep(max(self.render_every, 50 * spent))
+            self._urgent.wait(max(self.render_every, 50 * spent))
+            self._urgent.clear()
 
     def _changed(self) -> None:
         self._dirty.set()
@@ -151,12 +235,35 @@ class Metrics:
     def set_target_up(self, target: str, up: bool) -> None:
         with self._lock:
             self.target_up.labels(target).set(1 if up else 0)
+            self.states.up[target] = up
+            self._changed()
+
+    def set_targets(self, names: list[str]) -> None:
+        """The targets this replica schedules (discovered databases included)."""
+        with self._lock:
+            self.states.targets = set(names)
+            self.states.up = {k: v for k, v in self.states.up.items() if k in self.states.targets}
+            self.states.leader = {k: v for k, v in self.states.leader.items() if k in self.states.targets}
             self._changed()
 
     def overrun(self, target: str, job: str) -> None:
         with self._lock:
             self.job_overruns.labels(target, job).inc()
             self.job_runs.labels(target, job, "skipped").inc()
+            self._changed()
+
+    def lease_changed(self, target: str, change: str) -> None:
+        with self._lock:
+            self.lease_changes.labels(target, change).inc()
+            self.target_leader.labels(target).set(1 if change == "acquired" else 0)
+            self.states.leader[target] = change == "acquired"
+            self._changed()
+            # Who leads must not read stale: two replicas' pages could otherwise both say 1.
+            self._urgent.set()
+
+    def missed(self, target: str, job: str) -> None:
+        with self._lock:
+            self.job_missed.labels(target, job).inc()
             self._changed()
 
     def forget_target(self, target: str) -> None:
@@ -166,29 +273,23 @@ class Metrics:
                 for labels in list(_label_sets(metric)):
                     if labels.get("target") == target:
                         metric.remove(*labels.values())
-            self._series = {k: v for k, v in self._series.items() if k[0] != target}
+            self.last.samples = {k: v for k, v in self.last.samples.items() if k[0] != target}
             self._changed()
 
-    def keep_jobs(self, wanted: set[tuple[str, str, str | None]]) -> None:
-        """Remove the gauges of (target, job, item) runs a reloaded policy no longer schedules (a
-        section or view removed); a series another scheduled run also reports is kept."""
+    def keep_jobs(self, wanted: set[ResultKey]) -> None:
+        """Forget the results of (target, job, item) runs a reloaded policy no longer schedules (a
+        section or view removed): their gauges are gone."""
         with self._lock:
-            gone = [k for k in self._series if k[:3] not in wanted]
-            kept = {(k[3], v) for k, values in self._series.items() if k[:3] in wanted for v in values}
-            for key in gone:
-                for stale in self._series.pop(key):
-                    if (key[3], stale) not in kept:
-                        with contextlib.suppress(KeyError):
-                            self.gauges[key[3]].remove(*stale)
+            self.last.samples = {k: v for k, v in self.last.samples.items() if k in wanted}
             self._changed()
 
     def registry_metrics(self) -> list[MetricWrapperBase]:
-        objs = [
+        return [
             self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,
             self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
-            self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.indexes_reindexed,
+            self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.indexes_reindexed, self.lease_changes,
+            self.job_missed,
         ]  # fmt: skip
-        return objs + list(self.gauges.values())
 
     # ------------------------------------------------------------------ results
 
@@ -197,8 +298,12 @@ class Metrics:
         with self._lock:
             if result.target_up is not None:
                 self.target_up.labels(t).set(1 if result.target_up else 0)
-            if result.leader is not None:
-                self.target_leader.labels(t).set(1 if result.leader else 0)
+                self.states.up[t] = result.target_up
+            if result.leader is False and not self.states.leader.get(t):
+                # Leadership itself moves with lease changes (lease_changed); a run that found
+                # this replica not leading only makes the series exist.
+                self.target_leader.labels(t).set(0)
+                self.states.leader[t] = False
             if not result.applied:  # `plan` changes nothing and counts nothing
                 self._changed()
                 return
@@ -209,13 +314,16 @@ class Metrics:
                 self.job_last_success.labels(t, job).set(result.started_at + result.duration_seconds)
             if result.reason == "not_leader":
                 # What this replica measured while it led is stale now; the leader reports it.
-                self._drop_series(t, job)
+                self.last.samples = {k: v for k, v in self.last.samples.items() if k[:2] != (t, job)}
             for action in result.actions:
                 self._count_action(t, action.action, action.applied, action.detail)
             for finding in result.findings:
                 if finding.kind == "lock_timeout":
                     self.lock_timeouts.labels(t, job).inc()
-            self._set_gauges(result)
+            if result.target_up is not False:
+                # A run that reached the database measured: its samples are the gauges now. One
+                # that could not connect measured nothing and leaves them (target_up says why).
+                self.last.samples[(t, job, result.item)] = result.samples
             self._changed()
 
     def _count_action(self, t: str, kind: str, applied: bool, detail: Mapping[str, object]) -> None:
@@ -229,35 +337,13 @@ class Metrics:
             self.matview_refreshes.labels(t, str(detail.get("view", "")), str(detail.get("mode", "")), str(detail["outcome"])).inc()
         elif kind in ("cancel_backend", "terminate_backend"):
             dry = bool(detail.get("dry_run"))
-            if applied or dry:
+            # A dry run reports a still-running session on every run; it is counted once.
+            if applied or (dry and not detail.get("repeat")):
                 self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
         elif kind == "vacuum_table" and applied:
             self.tables_vacuumed.labels(t).inc()
         elif kind == "reindex_index" and applied:
             self.indexes_reindexed.labels(t).inc()
-
-    def _set_gauges(self, result: JobResult) -> None:
-        fresh: dict[str, set[tuple[str, ...]]] = {}
-        for sample in result.samples:
-            spec = SAMPLE_GAUGES.get(sample.metric)
-            if spec is None:
-                continue  # an unknown name is a job bug; never let it break the sink
-            values = (result.target, *(str(sample.labels.get(name, "")) for name in spec[0]))
-            self.gauges[sample.metric].labels(*values).set(sample.value)
-            fresh.setdefault(sample.metric, set()).add(values)
-        for name, values in fresh.items():
-            key = (result.target, result.job, result.item, name)
-            for stale in self._series.get(key, set()) - values:
-                with contextlib.suppress(KeyError):
-                    self.gauges[name].remove(*stale)
-            self._series[key] = values
-
-
-    def _drop_series(self, target: str, job: str) -> None:
-        for key in [k for k in self._series if k[0] == target and k[1] == job]:
-            for stale in self._series.pop(key):
-                with contextlib.suppress(KeyError):
-                    self.gauges[key[3]].remove(*stale)
 
 
 def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
@@ -289,5 +375,19 @@ METRIC_NAMES = frozenset(
         "pgupkeep_backend_signals_total",
         "pgupkeep_tables_vacuumed_total",
         "pgupkeep_indexes_reindexed_total",
+        "pgupkeep_lease_changes_total",
+        "pgupkeep_job_missed_total",
+        "pgupkeep_targets",
+    }
+)
+# The standard process_* families of prometheus_client's ProcessCollector (Linux).
+PROCESS_METRIC_NAMES = frozenset(
+    {
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_virtual_memory_bytes",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
     }
 )

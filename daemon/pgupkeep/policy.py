@@ -7,16 +7,17 @@ The model itself lives in policy_model.py and is re-exported here.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pgupkeep.policy_model import (
     JOB_KINDS,
@@ -93,6 +94,55 @@ def _format_path(path: Path_) -> str:
     return out
 
 
+# An alias makes its anchor's whole subtree appear again: nested aliases multiply (a 325-byte
+# "billion laughs" expands to a million nodes). Expansion through aliases is capped at this many
+# nodes, or ALIAS_RATIO times the document's own nodes when that is more: ordinary anchors (a
+# section shared by every target) stay far below it.
+ALIAS_BUDGET = 10_000
+ALIAS_RATIO = 10
+
+
+class _AliasBomb(Exception):
+    def __init__(self, node: yaml.Node, path: Path_, recursive: bool):
+        self.node = node
+        self.path = path
+        self.recursive = recursive
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _sizes(root: yaml.Node, cap: int) -> tuple[int, int, bool]:
+    """(distinct nodes, nodes once every alias is expanded capped at `cap` + 1, recursive?).
+
+    Linear in the distinct nodes: each node's expanded size is computed once. A recursive alias
+    (an anchor used inside itself) expands forever and counts as over the cap.
+    """
+    expanded: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            expanded[key] = min(cap + 1, 1 + sum(expanded[id(c)] for c in _children(node)))
+            continue
+        if key in expanded:
+            continue
+        if key in active:
+            return len(expanded), cap + 1, True
+        active.add(key)
+        stack.append((node, True))
+        stack += [(c, False) for c in _children(node) if id(c) not in expanded]
+    return len(expanded), expanded[id(root)], False
+
+
 class _Reader:
     """Builds plain Python values from a YAML node tree, remembering where each key stood."""
 
@@ -101,6 +151,7 @@ class _Reader:
         self.environ = environ
         self.marks: dict[Path_, tuple[int, int]] = {}
         self.problems: list[Problem] = []
+        self.budget = self.budget_total = ALIAS_BUDGET  # nodes the build may visit (see ALIAS_BUDGET)
 
     def problem(self, path: Path_, message: str) -> None:
         line, col = self.where(path)
@@ -125,10 +176,22 @@ class _Reader:
         return _VAR_RE.sub(substitute, text)
 
     def build(self, node: yaml.Node, path: Path_, loader: yaml.SafeLoader) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _AliasBomb(node, path, False)
         self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    # A list or mapping as a key is no key of a policy (and printing one built
+                    # from aliases could take as long as a bomb).
+                    mark = key_node.start_mark
+                    self.problems.append(
+                        Problem(self.file, mark.line + 1, mark.column + 1, _format_path(path),
+                                "a key must be plain text, not a list or mapping")
+                    )  # fmt: skip
+                    continue
                 key = loader.construct_object(key_node, deep=True)
                 if not isinstance(key, str):
                     key = str(key)
@@ -147,10 +210,43 @@ class _Reader:
         return value
 
 
-def _message(error: Mapping[str, Any]) -> str:
+def _model_at(path: Path_) -> type[BaseModel] | None:
+    """The policy model class found at a key path (the one an unknown key was written into)."""
+    model: Any = Policy
+    for part in path:
+        if isinstance(part, int):
+            continue  # an element of a tuple: its type was unwrapped with the tuple's field
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _unwrap(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model inside `X | None` and `tuple[X, ...]`."""
+    for arg in (*get_args(annotation), annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = [a for a in get_args(arg) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if inner:
+            return inner[0]
+    return annotation
+
+
+def _unknown_key(path: Path_) -> str:
+    model = _model_at(path[:-1])
+    key = path[-1] if path else None
+    if model is None or not isinstance(key, str):
+        return "unknown key"
+    close = difflib.get_close_matches(key.lower(), list(model.model_fields), n=1, cutoff=0.6)
+    return f"unknown key; did you mean {close[0]}?" if close else "unknown key"
+
+
+def _message(error: Mapping[str, Any], path: Path_ = ()) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(path)
     if kind == "missing":
         return "is required"
     if msg.startswith("Value error, "):
@@ -172,6 +268,8 @@ def _merge_defaults(policy: Policy) -> Policy:
             for key in SessionSettings.model_fields
             if getattr(target, key) is None
         }
+        if target.log_query_text is None:
+            fill["log_query_text"] = policy.daemon.log_query_text
         targets.append(target.model_copy(update=fill))
     return policy.model_copy(update={"targets": tuple(targets)})
 
@@ -238,6 +336,20 @@ def _cross_checks(raw: dict[str, Any], reader: _Reader) -> None:
                 )
 
 
+def _check_aliases(root: yaml.Node, reader: _Reader) -> None:
+    """Refuse a document whose aliases expand it beyond the budget, before building any of it."""
+    distinct, size, recursive = _sizes(root, 1 << 62)
+    reader.budget = reader.budget_total = max(ALIAS_BUDGET, ALIAS_RATIO * distinct)
+    if size <= reader.budget:
+        return
+    # Name the top-level key whose value explodes: that is where to look.
+    for key, value in root.value if isinstance(root, yaml.MappingNode) else ():
+        _, size, recursive = _sizes(value, reader.budget)
+        if (recursive or size > reader.budget // 2) and isinstance(key, yaml.ScalarNode):
+            raise _AliasBomb(key, (str(key.value),), recursive)
+    raise _AliasBomb(root, (), recursive)
+
+
 def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] | None = None) -> Policy:
     """Parse and validate a policy; raise PolicyError listing every problem."""
     reader = _Reader(file, os.environ if environ is None else environ)
@@ -245,9 +357,20 @@ def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] |
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            if node is not None:
+                _check_aliases(node, reader)
             raw = reader.build(node, (), loader) if node is not None else None
         finally:
             loader.dispose()
+    except _AliasBomb as bomb:
+        line, col = bomb.node.start_mark.line + 1, bomb.node.start_mark.column + 1
+        message = (
+            "an alias is used inside its own anchor: the value never ends"
+            if bomb.recursive
+            else f"aliases expand the document beyond {reader.budget_total} nodes (nested aliases, "
+            'a "billion laughs"?); write the repeated parts out or use fewer levels of aliases'
+        )
+        raise PolicyError([Problem(file, line, col, _format_path(bomb.path), message)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -269,7 +392,7 @@ def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] |
         for error in exc.errors():
             path = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
             if _format_path(path) not in expanded:  # an unset ${VAR} already said why
-                reader.problem(path, _message(error))
+                reader.problem(path, _message(error, path))
     _cross_checks(raw, reader)
     if reader.problems:
         unique = list(dict.fromkeys(reader.problems))

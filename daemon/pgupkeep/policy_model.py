@@ -9,19 +9,27 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgupkeep.policy_types import (
+    ConnectTimeout,
     Dsn,
     Duration,
     Interval,
     Listen,
+    MisfireGrace,
+    Period,
+    PgTimeout,
+    PositiveDuration,
     RelationName,
     RetentionText,
     ScheduleText,
     Size,
+    StatementBudget,
+    StatementTimeout,
     TargetName,
     TimezoneName,
     WindowText,
 )
 from pgupkeep.schedules import Schedule, parse_schedule
+from pgupkeep.units import BIGINT_MAX
 
 JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
 
@@ -42,15 +50,17 @@ class DaemonPolicy(_Model):
     max_parallel_jobs: int = Field(4, ge=1, le=64)
     """Job runs at once across the whole fleet; an overrunning job is skipped, never queued."""
     shutdown_grace: Duration = timedelta(seconds=30)
-    """On SIGTERM, running jobs get this long to finish before they are cancelled on the server."""
+    """On SIGTERM, running jobs get this long to finish before they are cancelled on the server (0: cancelled at once)."""
     reload_on_change: bool = True
     """Re-read the policy when the file changes (as well as on SIGHUP)."""
     max_leases: int | None = Field(None, ge=1)
     """Lead at most this many targets in this replica, so a fleet spreads over replicas (null: no cap)."""
     jitter: Duration = Field(timedelta(0))
     """Random delay added to each scheduled run, to spread a fleet."""
-    misfire_grace: Duration = Field(timedelta(seconds=30))
-    """A run that could not start within this of its scheduled time is skipped."""
+    misfire_grace: MisfireGrace = Field(timedelta(seconds=30))
+    """A run that could not start within this of its scheduled time is skipped (at least 1s)."""
+    log_query_text: Literal["full", "truncated", "none"] = "truncated"
+    """Other sessions' query text in logs and findings: full, truncated (the first 200 characters) or none. A target may override it."""
 
     @property
     def zone(self) -> ZoneInfo:
@@ -58,16 +68,16 @@ class DaemonPolicy(_Model):
 
 
 class SessionSettings(_Model):
-    connect_timeout: Duration = timedelta(seconds=5)
-    """How long to wait for a connection (libpq rounds below 2s up to 2s)."""
-    lock_timeout: Duration = timedelta(seconds=2)
-    """No statement of pgupkeep waits longer than this for a lock."""
+    connect_timeout: ConnectTimeout = timedelta(seconds=5)
+    """How long to wait for a connection (more than 0; libpq rounds up to whole seconds, and below 2s to 2s)."""
+    lock_timeout: PgTimeout = timedelta(seconds=2)
+    """No statement of pgupkeep waits longer than this for a lock (at most 2147483647ms). 0 is PostgreSQL's no limit: DDL may then queue for a lock indefinitely, and the application's queries queue behind it; not advised."""
     lock_retries: int = Field(5, ge=0, le=100)
     """DDL that gave up on a lock is retried this many times, with jittered backoff."""
-    statement_timeout: Duration = timedelta(minutes=15)
-    """Upper bound of any statement pgupkeep runs (a view refresh uses its own timeout)."""
-    idle_in_transaction_session_timeout: Duration = timedelta(minutes=1)
-    """Upper bound of an idle transaction of pgupkeep's own sessions."""
+    statement_timeout: PgTimeout = timedelta(minutes=15)
+    """Upper bound of any statement pgupkeep runs (a view refresh uses its own timeout; 0: no limit; at most 2147483647ms)."""
+    idle_in_transaction_session_timeout: PgTimeout = timedelta(minutes=1)
+    """Upper bound of an idle transaction of pgupkeep's own sessions (0: no limit; at most 2147483647ms)."""
 
 
 class PartitionTable(_Model):
@@ -100,8 +110,8 @@ class ViewPolicy(_Model):
     """Schema-qualified materialized view."""
     concurrently: Literal["required", "preferred", "never"] = "required"
     """required: REFRESH ... CONCURRENTLY or fail; preferred: fall back to a blocking refresh; never: always blocking."""
-    timeout: Duration = timedelta(minutes=10)
-    """statement_timeout of the refresh."""
+    timeout: StatementTimeout = timedelta(minutes=10)
+    """statement_timeout of the refresh (1ms to 2147483647ms)."""
     schedule: ScheduleText | None = None
     """This view's own schedule (default: the section's)."""
 
@@ -119,13 +129,13 @@ class MaterializedViewsSection(_Model):
 class LongRunningQueriesSection(_Model):
     schedule: ScheduleText = parse_schedule("every 30s")
     """When sessions are checked."""
-    warn_after: Duration = timedelta(minutes=5)
+    warn_after: PositiveDuration = timedelta(minutes=5)
     """Active queries older than this (from query_start) are flagged."""
-    idle_in_transaction_after: Duration = timedelta(minutes=1)
+    idle_in_transaction_after: PositiveDuration = timedelta(minutes=1)
     """Sessions idle in transaction longer than this (from state_change) are flagged."""
-    cancel_after: Duration | None = None
+    cancel_after: PositiveDuration | None = None
     """Cancel active queries older than this (off unless set)."""
-    terminate_after: Duration | None = None
+    terminate_after: PositiveDuration | None = None
     """Terminate sessions (active or idle in transaction) older than this (off unless set)."""
     dry_run: bool = False
     """Log and count what would be signalled; signal nothing."""
@@ -133,6 +143,12 @@ class LongRunningQueriesSection(_Model):
     """Sessions of these users are never flagged or signalled."""
     ignore_applications: tuple[str, ...] = ()
     """Sessions of these application_names are never flagged or signalled."""
+    scope: Literal["database", "server"] = "database"
+    """database: judge and signal sessions of the target's database only; server: of every database (use on one target per server)."""
+    lock_wait_after: PositiveDuration = timedelta(seconds=30)
+    """Finding lock_wait, naming the root blocker, when a session has waited on a lock longer than this."""
+    terminate_idle_blockers_after: PositiveDuration | None = None
+    """Terminate a root blocker idle in transaction that has held up a lock chain longer than this (off unless set)."""
 
 
 class BloatSection(_Model):
@@ -142,7 +158,7 @@ class BloatSection(_Model):
     """Smaller tables are not checked."""
     max_dead_tuple_ratio: float = Field(0.2, ge=0, le=1)
     """Flag a table whose dead tuples exceed this share (with at least min_dead_tuples)."""
-    min_dead_tuples: int = Field(1000, ge=0)
+    min_dead_tuples: int = Field(1000, ge=0, le=BIGINT_MAX)
     """Fewer dead tuples than this never flag a table by the dead-tuple ratio."""
     max_bloat_ratio: float = Field(0.5, ge=0, le=1)
     """Flag a table whose estimated wasted share exceeds this."""
@@ -150,10 +166,11 @@ class BloatSection(_Model):
     """At most this many (the worst) tables get per-table series."""
     vacuum: bool = False
     """VACUUM (ANALYZE) flagged tables, one at a time (never FULL)."""
-    exact_time_budget: Duration = Field(
-        timedelta(seconds=10), description="Time spent on exact pgstattuple_approx figures for the worst candidates; the rest keep the estimate."
+    exact_time_budget: StatementBudget = Field(
+        timedelta(seconds=10),
+        description="Time spent on exact pgstattuple_approx figures for the worst candidates; the rest keep the estimate (0: none).",
     )
-    vacuum_timeout: Duration = Field(timedelta(hours=1), description="statement_timeout of each VACUUM.")
+    vacuum_timeout: StatementTimeout = Field(timedelta(hours=1), description="statement_timeout of each VACUUM (1ms to 2147483647ms).")
     min_index_size: Size = 10 * 1024**2
     """Smaller B-tree indexes are not checked for bloat."""
     max_index_bloat_ratio: float = Field(0.5, ge=0, le=1)
@@ -177,21 +194,32 @@ class HealthSection(_Model):
     """Finding connections_high above this share of max_connections."""
 
 
+class Discover(_Model):
+    include: tuple[str, ...] = ("*",)
+    """Databases to keep, as shell patterns (tenant_*); templates are never included."""
+    exclude: tuple[str, ...] = ()
+    """Databases to leave alone, as shell patterns (e.g. postgres); exclude wins over include."""
+    every: Period = Field(timedelta(minutes=5))
+    """How often the server's databases are listed again: new ones are picked up, dropped ones let go (at least 1s)."""
+
+
 class Target(_Model):
     name: TargetName
     """Unique name of the target ([a-z0-9_-]); the `target` label."""
     dsn: Dsn
     """libpq URI or key=value string; PG* environment variables and ~/.pgpass apply."""
-    connect_timeout: Duration | None = None
+    connect_timeout: ConnectTimeout | None = None
     """Overrides defaults.connect_timeout."""
-    lock_timeout: Duration | None = None
+    lock_timeout: PgTimeout | None = None
     """Overrides defaults.lock_timeout."""
     lock_retries: int | None = Field(None, ge=0, le=100)
     """Overrides defaults.lock_retries."""
-    statement_timeout: Duration | None = None
+    statement_timeout: PgTimeout | None = None
     """Overrides defaults.statement_timeout."""
-    idle_in_transaction_session_timeout: Duration | None = None
+    idle_in_transaction_session_timeout: PgTimeout | None = None
     """Overrides defaults.idle_in_transaction_session_timeout."""
+    log_query_text: Literal["full", "truncated", "none"] | None = None
+    """Overrides daemon.log_query_text for this target."""
     partitions: PartitionsSection | None = None
     """Pre-create and retire time or integer range partitions."""
     materialized_views: MaterializedViewsSection | None = None
@@ -202,6 +230,8 @@ class Target(_Model):
     """Flag (and optionally vacuum) bloated tables; flag (and optionally rebuild) bloated indexes."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size."""
+    discover: Discover | None = None
+    """Make every matching database of the DSN's server a target `<name>/<database>` with these job sections (the DSN names the database discovery connects to; postgres if none)."""
 
     def section(self, kind: str) -> BaseModel | None:
         return getattr(self, kind)

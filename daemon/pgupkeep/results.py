@@ -42,6 +42,7 @@ FINDINGS = (
     "connections_high",
     "table_skipped_locked",
     "matview_refresh_skipped",
+    "lock_wait",
     "bloated_index",
     "index_skipped_locked",
     "insufficient_privilege",

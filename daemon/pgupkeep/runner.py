@@ -27,7 +27,12 @@ Sink = Callable[[JobResult], None]
 
 
 class RunStopped(Exception):
-    """A run was asked to stop (shutdown) while it waited between attempts."""
+    """A run must stop where it is: shutdown (while it waited between attempts), or a lost lease
+    (a new session it opened could not take the fence)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ def apply_plan(plan: Plan, out: JobOutput, fence: Fence | None) -> str | None:
                 break
             try:
                 done = step.apply()
+            except RunStopped as exc:
+                stopped = exc.reason
+                break
             except Exception as exc:
                 if fence.stop.is_set():
                     stopped = "shutdown"  # the statement in flight was cancelled by the shutdown
@@ -168,6 +176,11 @@ class Runner:
             extra = self.connect(target, **kw)
             with self._guard:
                 self._inflight.setdefault(key, []).append(extra)
+            # Work done on another session (a view's refresh) holds the fence there too: a new
+            # leader must not write while that session still does.
+            if apply and leader and self.leases is not None and not self.leases.fence(target, extra):
+                extra.close()
+                raise RunStopped("lease_lost")
             return extra
 
         ctx: JobContext | None = None
@@ -213,7 +226,8 @@ class Runner:
             if ctx is not None:
                 self._add_lock_findings(out, ctx)
             if apply and (self.stop.is_set() or isinstance(exc, RunStopped)):
-                return self._finish(self._cancelled(result, out, "shutdown", leader))
+                reason = exc.reason if isinstance(exc, RunStopped) else "shutdown"
+                return self._finish(self._cancelled(result, out, reason, leader))
             up = not isinstance(exc, psycopg.OperationalError) or not conn.closed
             return self._finish(
                 result("failure", actions=tuple(out.actions), findings=tuple(out.findings),
@@ -280,9 +294,11 @@ class Runner:
 
     @staticmethod
     def _cancelled(result: Callable[..., JobResult], out: JobOutput, reason: str, leader: bool | None) -> JobResult:
+        """A run stopped at a step boundary: `cancelled` (shutdown, lost lease), or `skipped` when
+        it never wrote because a run of the previous leader still held the fence."""
         errors = tuple(out.errors)
         return result(
-            "cancelled", reason=reason, actions=tuple(out.actions), findings=tuple(out.findings),
+            "skipped" if reason == "previous_leader_running" else "cancelled", reason=reason, actions=tuple(out.actions), findings=tuple(out.findings),
             samples=tuple(out.samples), errors=errors, error=Runner._summary(errors), target_up=True,
             leader=False if reason == "lease_lost" else leader,
         )  # fmt: skip

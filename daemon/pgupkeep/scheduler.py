@@ -6,6 +6,7 @@ one skip (counted), never queue; `max_parallel_jobs` threads bound the whole fle
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,10 +36,21 @@ class PlannedJob:
         return ",".join(self.items) if self.items else None
 
 
+def discovered(target: str) -> bool:
+    return "/" in target
+
+
+def phase(job_id: str) -> float:
+    """A fixed place in the period for a job id, 0-1, the same on every replica."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") / 2**64
+
+
 def planned_jobs(policy: Policy) -> list[PlannedJob]:
     """Every scheduler job the policy asks for, in policy order."""
     out = []
     for target in policy.targets:
+        if target.discover is not None:
+            continue  # its databases are the targets (see fleet.expand), not its own DSN
         for job in target.job_kinds():
             kind = REGISTRY[job]
             for items, schedule in kind.schedule_groups(target.section(job)):
@@ -56,9 +68,15 @@ class Scheduler:
         on_overrun: Callable[[str, str], None],
         on_missed: Callable[[str, str], None] | None = None,
         probe: Callable[[str], None] | None = None,
+        watch: Callable[[], None] | None = None,
+        watch_every: timedelta = timedelta(seconds=2),
+        discover: Callable[[str], None] | None = None,
     ):
+        self._discover = discover
         self._run = run
         self._probe = probe
+        self._watch = watch
+        self._watch_every = watch_every
         self._on_overrun = on_overrun
         self._on_missed = on_missed
         self._jobs: dict[str, PlannedJob] = {}
@@ -71,6 +89,9 @@ class Scheduler:
                 "default": ThreadPoolExecutor(d.max_parallel_jobs),
                 # Its own thread, so busy jobs never starve the liveness heartbeat.
                 "heartbeat": ThreadPoolExecutor(1),
+                # Lease confirmations wait on the network: never on the heartbeat's thread.
+                "leases": ThreadPoolExecutor(1),
+                "discovery": ThreadPoolExecutor(1),
             },
             job_defaults={
                 "coalesce": True,
@@ -84,11 +105,17 @@ class Scheduler:
             heartbeat, "interval", seconds=heartbeat_every.total_seconds(), id="__heartbeat__",
             executor="heartbeat", next_run_time=datetime.now(d.zone),
         )  # fmt: skip
+        if self._watch is not None:
+            self._sched.add_job(
+                self._watch, "interval", seconds=self._watch_every.total_seconds(), id="__leases__",
+                executor="leases",
+            )  # fmt: skip
         self.apply(policy)
         self._sched.start()
 
-    def apply(self, policy: Policy) -> None:
-        """Replace the scheduled jobs with those of `policy` (start-up and reload)."""
+    def apply(self, policy: Policy, at_once: frozenset[str] = frozenset()) -> None:
+        """Replace the scheduled jobs with those of `policy` (start-up and reload); the jobs of the
+        targets in `at_once` (databases discovered while running) run once now, then on schedule."""
         assert self._sched is not None
         wanted = {p.id: p for p in planned_jobs(policy)}
         for job_id in list(self._jobs):
@@ -99,7 +126,12 @@ class Scheduler:
         for job_id, planned in wanted.items():
             if job_id in self._jobs:
                 continue
-            trigger = planned.schedule.trigger(policy.daemon.zone, policy.daemon.jitter)
+            # A discovered database's runs are spread over their period (the same phase on every
+            # replica) rather than all due at once; a target of its own runs once at start-up,
+            # then on schedule, so a fresh daemon reports at once.
+            spread = discovered(planned.target) and planned.target not in at_once
+            trigger = planned.schedule.trigger(policy.daemon.zone, policy.daemon.jitter, phase(job_id) if spread else None)
+            extra = {} if spread else {"next_run_time": datetime.now(policy.daemon.zone)}
             self._sched.add_job(
                 self._run,
                 trigger=trigger,
@@ -107,10 +139,27 @@ class Scheduler:
                 id=job_id,
                 name=job_id,
                 replace_existing=True,
-                # Run once at start-up, then on schedule: a fresh daemon reports at once.
-                next_run_time=datetime.now(policy.daemon.zone),
+                **extra,
             )
             self._jobs[job_id] = planned
+
+    def discoveries(self, every: dict[str, timedelta]) -> None:
+        """One discovery job per discovering target (name -> period), run at once, then on period."""
+        assert self._sched is not None
+        for job in self._sched.get_jobs():
+            if job.id.endswith(":__discover__") and job.id.removesuffix(":__discover__") not in every:
+                job.remove()
+        if self._discover is None:
+            return
+        for name, period in every.items():
+            job_id = f"{name}:__discover__"
+            existing = self._sched.get_job(job_id)
+            if existing is not None and getattr(existing.trigger, "interval", None) == period:
+                continue
+            self._sched.add_job(
+                self._discover, "interval", args=(name,), id=job_id, name=job_id, replace_existing=True,
+                seconds=period.total_seconds(), executor="discovery", next_run_time=datetime.now(),
+            )  # fmt: skip
 
     def _apply_probes(self, policy: Policy) -> None:
         # A target with no job sections is only watched for reachability (pgupkeep_target_up).

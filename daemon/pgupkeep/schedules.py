@@ -1,4 +1,5 @@
-"""Schedules: five-field cron (with cron's own weekday numbers) or `every <duration>`.
+"""Schedules: five-field cron (with cron's own weekday numbers and @hourly-style macros) or
+`every <duration>`.
 
 APScheduler's CronTrigger numbers weekdays from Monday = 0 and ANDs day-of-month with
 day-of-week; cron numbers them from Sunday = 0 (7 is Sunday too) and ORs the two when both are
@@ -18,8 +19,20 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pgupkeep.units import DURATION_HELP, parse_duration
 
 SCHEDULE_HELP = (
-    'must be a five-field cron expression such as "15 * * * *" or "every <duration>" such as "every 30s"'
+    'must be a five-field cron expression such as "15 * * * *", a macro such as @daily, '
+    'or "every <duration>" such as "every 30s"'
 )
+# cron's macros, as Vixie cron and cronie define them.
+MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
 _DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 
 
@@ -48,12 +61,16 @@ class Schedule:
             return timedelta(days=31)
         return timedelta(days=366)
 
-    def trigger(self, timezone: tzinfo, jitter: timedelta | None = None) -> BaseTrigger:
-        jitter_s = int(jitter.total_seconds()) if jitter else None
+    def trigger(self, timezone: tzinfo, jitter: timedelta | None = None, phase: float | None = None) -> BaseTrigger:
+        """`phase` (0-1, `every` schedules only) fixes where in each period the runs fall, counted
+        from the Unix epoch: runs of a fleet's databases spread over the period, the same on every
+        replica."""
+        # APScheduler adds uniform(0, jitter) seconds: a float keeps a sub-second jitter.
+        jitter_s = jitter.total_seconds() if jitter else None
         if self.every is not None:
-            return IntervalTrigger(
-                seconds=self.every.total_seconds(), timezone=timezone, jitter=jitter_s or None
-            )
+            seconds = self.every.total_seconds()
+            start = None if phase is None else datetime.fromtimestamp(phase * seconds, tz=UTC)
+            return IntervalTrigger(seconds=seconds, timezone=timezone, jitter=jitter_s or None, start_date=start)
         common = {"minute": self.minute, "hour": self.hour, "month": self.month, "timezone": timezone}
         if self.day != "*" and self.day_of_week != "*":
             return _Forward(
@@ -170,12 +187,22 @@ def parse_schedule(value: object) -> Schedule:
     if text.lower().startswith("every "):
         try:
             every = parse_duration(text[6:])
-        except ValueError:
-            raise ValueError(f"{SCHEDULE_HELP}; after 'every': {DURATION_HELP}") from None
+        except ValueError as exc:
+            if str(exc).startswith(DURATION_HELP):
+                raise ValueError(f"{SCHEDULE_HELP}; after 'every': {exc}") from None
+            raise ValueError(f"the period after 'every' {exc}") from None
         if every < timedelta(seconds=1):
             raise ValueError("must not fire more often than every second")
         return Schedule(text=text, every=every)
-    fields = text.split(" ")
+    if text.startswith("@"):
+        if text.lower() not in MACROS:
+            raise ValueError(f"unknown cron macro {text!r}; use one of {', '.join(MACROS)}")
+        return _cron(text, MACROS[text.lower()])
+    return _cron(text, text)
+
+
+def _cron(text: str, expression: str) -> Schedule:
+    fields = expression.split(" ")
     if len(fields) != 5:
         raise ValueError(SCHEDULE_HELP)
     minute, hour, day, month, dow = fields

@@ -1,10 +1,11 @@
 """Lock-bounded DDL: every statement runs under `lock_timeout`, is retried with jittered backoff,
-and on giving up names the sessions that held the lock.
+and on giving up names the sessions that held (or were queued for) a conflicting lock.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,13 +16,127 @@ from psycopg import sql
 
 from pgupkeep.units import QualifiedName
 
+# PostgreSQL's table-level lock conflict matrix (the manual, "Table-Level Locks"): for each mode,
+# the modes it conflicts with.
+_ACCESS_SHARE, _ROW_SHARE, _ROW_EXCLUSIVE = "AccessShareLock", "RowShareLock", "RowExclusiveLock"
+_SHARE_UPDATE_EXCLUSIVE, _SHARE, _SHARE_ROW_EXCLUSIVE = "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock"
+_EXCLUSIVE, _ACCESS_EXCLUSIVE = "ExclusiveLock", "AccessExclusiveLock"
+LOCK_MODES = (
+    _ACCESS_SHARE, _ROW_SHARE, _ROW_EXCLUSIVE, _SHARE_UPDATE_EXCLUSIVE,
+    _SHARE, _SHARE_ROW_EXCLUSIVE, _EXCLUSIVE, _ACCESS_EXCLUSIVE,
+)  # fmt: skip
+CONFLICTS: dict[str, frozenset[str]] = {
+    _ACCESS_SHARE: frozenset({_ACCESS_EXCLUSIVE}),
+    _ROW_SHARE: frozenset({_EXCLUSIVE, _ACCESS_EXCLUSIVE}),
+    _ROW_EXCLUSIVE: frozenset({_SHARE, _SHARE_ROW_EXCLUSIVE, _EXCLUSIVE, _ACCESS_EXCLUSIVE}),
+    _SHARE_UPDATE_EXCLUSIVE: frozenset(
+        {_SHARE_UPDATE_EXCLUSIVE, _SHARE, _SHARE_ROW_EXCLUSIVE, _EXCLUSIVE, _ACCESS_EXCLUSIVE}
+    ),
+    _SHARE: frozenset({_ROW_EXCLUSIVE, _SHARE_UPDATE_EXCLUSIVE, _SHARE_ROW_EXCLUSIVE, _EXCLUSIVE, _ACCESS_EXCLUSIVE}),
+    _SHARE_ROW_EXCLUSIVE: frozenset(
+        {_ROW_EXCLUSIVE, _SHARE_UPDATE_EXCLUSIVE, _SHARE, _SHARE_ROW_EXCLUSIVE, _EXCLUSIVE, _ACCESS_EXCLUSIVE}
+    ),
+    _EXCLUSIVE: frozenset(set(LOCK_MODES) - {_ACCESS_SHARE}),
+    _ACCESS_EXCLUSIVE: frozenset(LOCK_MODES),
+}
+_LOCK_STATEMENT_MODES = {
+    "ACCESS SHARE": _ACCESS_SHARE, "ROW SHARE": _ROW_SHARE, "ROW EXCLUSIVE": _ROW_EXCLUSIVE,
+    "SHARE UPDATE EXCLUSIVE": _SHARE_UPDATE_EXCLUSIVE, "SHARE ROW EXCLUSIVE": _SHARE_ROW_EXCLUSIVE,
+    "SHARE": _SHARE, "EXCLUSIVE": _EXCLUSIVE, "ACCESS EXCLUSIVE": _ACCESS_EXCLUSIVE,
+}  # fmt: skip
+
+
+def requested_locks(statement: str, relations: Sequence[str]) -> dict[str, str]:
+    """The table lock mode `statement` requests on each of `relations` (quoted names) it locks.
+
+    Covers the statements pgupkeep runs under lock_timeout, with the modes the manual gives for
+    them; any other statement is taken to want ACCESS EXCLUSIVE on every relation, so no blocker
+    is ever missed. A relation a statement does not lock is left out.
+    """
+    text = " ".join(statement.split())
+    upper = text.upper()
+    named = [r for r in relations if _position(text, r, 0) >= 0]
+
+    def first_after(keyword: str) -> str | None:
+        start = upper.find(keyword) + len(keyword)
+        found = sorted((_position(text, r, start), r) for r in named if _position(text, r, start) >= 0)
+        return found[0][1] if found else None
+
+    def named_in(mode: str) -> dict[str, str]:
+        return dict.fromkeys(named, mode)
+
+    if upper.startswith("REFRESH MATERIALIZED VIEW CONCURRENTLY"):
+        return named_in(_EXCLUSIVE)
+    if upper.startswith(("VACUUM", "ANALYZE")):
+        return named_in(_SHARE_UPDATE_EXCLUSIVE)
+    if upper.startswith("ALTER TABLE") and " DETACH PARTITION " in upper and upper.endswith(("CONCURRENTLY", "FINALIZE")):
+        return named_in(_SHARE_UPDATE_EXCLUSIVE)
+    if upper.startswith("ALTER TABLE") and " ATTACH PARTITION " in upper:
+        # SHARE UPDATE EXCLUSIVE on the parent; ACCESS EXCLUSIVE on the partition attached and on
+        # the default partition, which the statement does not name.
+        locks = dict.fromkeys(relations, _ACCESS_EXCLUSIVE)
+        parent = first_after("ALTER TABLE")
+        if parent is not None:
+            locks[parent] = _SHARE_UPDATE_EXCLUSIVE
+        return locks
+    if upper.startswith("CREATE TABLE") and "(LIKE " in upper:
+        locks = named_in(_ACCESS_EXCLUSIVE)
+        source = first_after("(LIKE ")
+        if source is not None:
+            locks[source] = _ACCESS_SHARE
+        return locks
+    if upper.startswith("WITH ") and " AS (DELETE FROM " in upper and " INSERT INTO " in upper:
+        return named_in(_ROW_EXCLUSIVE)
+    if upper.startswith("LOCK "):
+        for words, mode in sorted(_LOCK_STATEMENT_MODES.items(), key=lambda kv: -len(kv[0])):
+            if f" IN {words} MODE" in upper:
+                return named_in(mode)
+    return dict.fromkeys(relations, _ACCESS_EXCLUSIVE)
+
+
+_SIMPLE_NAME_RE = re.compile(r'^"([a-z_][a-z0-9_$]*)"\."([a-z_][a-z0-9_$]*)"$')
+
+
+def _position(text: str, relation: str, start: int) -> int:
+    """Where `relation` (quoted, as sql.Identifier writes it) is first named in `text` from
+    `start`, also unquoted when it needs no quotes; -1 if not at all."""
+    found = [text.find(relation, start)]
+    simple = _SIMPLE_NAME_RE.match(relation)
+    if simple:
+        bare = re.compile(rf"(?<![\w.\"]){simple.group(1)}\.{simple.group(2)}(?![\w$\"])", re.IGNORECASE)
+        match = bare.search(text, start)
+        found.append(match.start() if match else -1)
+    hits = [f for f in found if f >= 0]
+    return min(hits) if hits else -1
+
+
+# The sessions of this database that hold, or were queued for before we were, a lock on one of
+# the relations in a mode that conflicts with one we asked for. A session whose lock does not
+# conflict (an ACCESS SHARE reader against a SHARE UPDATE EXCLUSIVE request) blocked nobody.
+# Parameters: (relation, conflicting mode) pairs as two arrays, and how long we waited.
 BLOCKERS_SQL = """
 SELECT coalesce(array_agg(DISTINCT l.pid ORDER BY l.pid), '{}')
-FROM pg_locks l
-WHERE l.granted
+FROM pg_locks AS l
+JOIN unnest(%s::text[], %s::text[]) AS c(relation, mode)
+  ON l.relation = to_regclass(c.relation) AND l.mode = c.mode
+WHERE l.locktype = 'relation'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.pid <> pg_backend_pid()
-  AND l.relation IN (SELECT to_regclass(r) FROM unnest(%s::text[]) AS r)
+  AND (l.granted OR l.waitstart < now() - %s::interval)
 """
+
+
+def conflicting_pairs(statements: Sequence[str], relations: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(relation, mode) pairs, as two lists, of every lock mode that conflicts with one that
+    `statements` request on `relations`."""
+    wanted: dict[str, set[str]] = {}
+    for statement in statements:
+        for relation, mode in requested_locks(statement, relations).items():
+            wanted.setdefault(relation, set()).update(CONFLICTS[mode])
+    for relation in relations:  # a relation no statement accounts for: assume the worst
+        wanted.setdefault(relation, set(CONFLICTS[_ACCESS_EXCLUSIVE]))
+    pairs = sorted((r, m) for r, modes in wanted.items() for m in modes)
+    return [r for r, _ in pairs], [m for _, m in pairs]
 
 
 class LockTimeoutError(Exception):
@@ -89,20 +204,21 @@ class DdlRunner:
                         done += 1
                 return
             except psycopg.errors.LockNotAvailable as exc:
-                pids = self._blockers(conn, rel_names)
-                failed = statements[0 if transaction else done]
-                text = failed.as_string(conn) if isinstance(failed, sql.Composable) else str(failed)
+                # In a transaction any of its statements may have waited; alone, the one that failed.
+                unit = statements if transaction else statements[done : done + 1]
+                texts = [s.as_string(conn) if isinstance(s, sql.Composable) else str(s) for s in unit]
+                pids = self._blockers(conn, texts, rel_names, self.lock_timeout)
+                text = texts[0]
                 self.waits.append(LockWait(label, attempt, tuple(pids), text))
                 if attempt > self.retries:
                     raise LockTimeoutError(label, attempt, pids, self.lock_timeout) from exc
                 self.sleep(self.backoff(attempt))
 
     @staticmethod
-    def _blockers(conn: psycopg.Connection, rel_names: list[str]) -> list[int]:
+    def _blockers(conn: psycopg.Connection, statements: Sequence[str], rel_names: list[str], waited: timedelta) -> list[int]:
+        relations, modes = conflicting_pairs(statements, rel_names)
         try:
-            row = conn.execute(BLOCKERS_SQL, (rel_names,)).fetchone()
+            row = conn.execute(BLOCKERS_SQL, (relations, modes, waited)).fetchone()
             return list(row[0]) if row else []
         except psycopg.Error:
             return []
-
-

@@ -4,6 +4,7 @@ hold a lock or a transaction open for long; and reads that step around other ses
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TypeVar
@@ -18,15 +19,26 @@ APPLICATION_NAME = "pgupkeep"
 SESSION_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10", "keepalives_count": "3"}
 
 
-def redact(text: str, dsn: str) -> str:
-    """Remove the DSN's password from any text that might quote it."""
-    try:
-        password = conninfo_to_dict(dsn).get("password")
-    except Exception:
-        password = None
-    if password:
-        text = text.replace(str(password), "***")
-    return text
+# Where a password stands in text: the value of a `password` option (also sslpassword,
+# PGPASSWORD=...; in libpq's quoting: '...' with backslash escapes, or unquoted up to a blank),
+# and the userinfo of a URI (scheme://user:password@host).
+_PASSWORD_OPTION_RE = re.compile(
+    r"""(?P<key>\b[A-Za-z_]*password\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|(?:[^\s\\]|\\.)+)""",
+    re.IGNORECASE,
+)
+_URI_PASSWORD_RE = re.compile(r"(?P<key>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@?#]*:)(?P<value>[^\s@/?#]*)(?=@)")
+
+
+def redact(text: str, dsn: str | None = None) -> str:
+    """Hide passwords in text that may quote a connection string (an error message, say).
+
+    A password is replaced only where it stands as one: the value of a password option, the
+    password of a URI. Never as a substring anywhere else: a password `postgres` must not turn
+    `user "postgres"` into `user "***"`. `dsn` is accepted for callers that pass it; its password
+    needs no special case, since it can only appear in one of those two places.
+    """
+    text = _PASSWORD_OPTION_RE.sub(lambda m: m.group("key") + "***", text)
+    return _URI_PASSWORD_RE.sub(lambda m: m.group("key") + "***", text)
 
 
 def session_options(
@@ -43,6 +55,10 @@ def session_options(
         # Catalog reads over thousands of relations get cost estimates that switch JIT on, and
         # compiling then takes longer than the read itself (measured: 1.2 s of a 1.4 s read).
         "-c jit=off",
+        # A run's session may idle while its work goes on in another (a view's refresh) and it
+        # holds the run's fence: a database's idle_session_timeout must not close it. Every
+        # session ends with its run, and statement_timeout bounds what it does.
+        "-c idle_session_timeout=0",
     ]
     return " ".join(([existing] if existing else []) + opts)
 

@@ -1,7 +1,8 @@
 """The `health` job: the routine checks a DBA runs by hand, as findings and gauges.
 
-Connections by state against max_connections, transaction-ID wraparound age, invalid and unused
-indexes, database size. Read-only, one query per check, for the connected database.
+Connections by state (the target's database) against max_connections (the server's), transaction-ID
+wraparound age, invalid and unused indexes, database size. Read-only, one query per check, for the
+connected database.
 """
 
 from __future__ import annotations
@@ -30,13 +31,23 @@ STATES = {
 }
 UNKNOWN_STATE = "unknown"
 
-# Client backends across the cluster: they are what max_connections limits.
+# Client backends by state: the target's database (a target is one database), and the whole
+# server, which is what max_connections limits. A session this role may not see (no
+# pg_read_all_stats) shows neither state nor backend type; those with a database count as `unknown`.
 CONNECTIONS_SQL = """
-SELECT a.state, count(*) AS n
+SELECT a.state,
+       count(*) FILTER (WHERE a.datname = current_database()) AS n,
+       count(*) AS server_n
 FROM pg_stat_activity a
 WHERE a.backend_type = 'client backend'
+   OR (a.backend_type IS NULL AND a.datid IS NOT NULL AND a.query = '<insufficient privilege>')
 GROUP BY a.state
 """
+
+# Which server this is, for the `server` label of server-wide figures: the same for every target
+# (database) on it, so they are reported once per server. The system identifier tells apart two
+# servers behind the same host name; host:port a primary from its standbys (which share it).
+SERVER_SQL = "SELECT system_identifier::text FROM pg_control_system()"
 
 DATABASE_SQL = """
 SELECT d.datname, age(d.datfrozenxid) AS xid_age, pg_database_size(d.oid) AS size_bytes,
@@ -87,7 +98,7 @@ class Snapshot:
     """Everything the health checks read, as plain values."""
 
     database: str
-    connections: Mapping[str | None, int]
+    connections: Mapping[str | None, int]  # the target's database, by state
     max_connections: int
     xid_age: int
     cluster_xid_age: int
@@ -96,11 +107,15 @@ class Snapshot:
     invalid_indexes: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     unused_indexes: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     stats_reset: Any = None
+    server: str = ""  # host:port/system identifier
+    server_connections: int = 0  # client backends of every database
 
 
 def read(conn: psycopg.Connection, section: HealthSection) -> Snapshot:
     with conn.cursor(row_factory=dict_row) as cur:
-        conns = {r["state"]: int(r["n"]) for r in cur.execute(CONNECTIONS_SQL)}
+        by_state = cur.execute(CONNECTIONS_SQL).fetchall()
+        conns = {r["state"]: int(r["n"]) for r in by_state}
+        sysid = cur.execute(SERVER_SQL).fetchone()
         db = cur.execute(DATABASE_SQL).fetchone()
         assert db is not None
         invalid = cur.execute(INVALID_INDEXES_SQL).fetchall()
@@ -117,7 +132,15 @@ def read(conn: psycopg.Connection, section: HealthSection) -> Snapshot:
         invalid_indexes=invalid,
         unused_indexes=unused,
         stats_reset=db["stats_reset"],
+        server=server_label(conn, sysid["system_identifier"] if sysid else ""),
+        server_connections=sum(int(r["server_n"]) for r in by_state),
     )
+
+
+def server_label(conn: psycopg.Connection, system_identifier: str) -> str:
+    """host:port/system identifier, host and port as the DSN reached them (a socket directory for
+    a Unix-domain socket)."""
+    return f"{conn.info.host}:{conn.info.port}/{system_identifier}"
 
 
 def connection_counts(raw: Mapping[str | None, int]) -> dict[str, int]:
@@ -133,21 +156,28 @@ def judge(snap: Snapshot, section: HealthSection) -> JobOutput:
     counts = connection_counts(snap.connections)
     total = sum(counts.values())
     out.samples += [Sample("connections", float(n), {"state": state}) for state, n in counts.items()]
-    out.samples.append(Sample("connections_max", float(snap.max_connections)))
-    ratio = total / snap.max_connections if snap.max_connections else 0.0
+    # Server-wide figures carry the server: every target on one server reports the same series
+    # values, and `max by (server)` counts them once.
+    server = {"server": snap.server}
+    out.samples.append(Sample("connections_max", float(snap.max_connections), server))
+    out.samples.append(Sample("server_connections", float(snap.server_connections), server))
+    used = snap.server_connections
+    ratio = used / snap.max_connections if snap.max_connections else 0.0
     if ratio > section.connections_warn_ratio:
         out.findings.append(
             Finding(
                 kind="connections_high",
-                object=snap.database,
-                value=total,
+                object=snap.server,
+                value=used,
                 message=(
-                    f"{total} of max_connections {snap.max_connections} client connections in use ({ratio:.0%}); "
-                    "new sessions will be refused at the limit: add a connection pooler or find idle sessions"
+                    f"server {snap.server}: {used} of max_connections {snap.max_connections} client connections "
+                    f"in use across all databases ({ratio:.0%}), {total} of them in {snap.database}; new sessions "
+                    "will be refused at the limit: add a connection pooler or find idle sessions"
                 ),
-                detail={"connections": total, "max_connections": snap.max_connections, "ratio": round(ratio, 4), **counts},
+                detail={"server": snap.server, "connections": used, "max_connections": snap.max_connections,
+                        "ratio": round(ratio, 4), "database": snap.database, "database_connections": total, **counts},
             )
-        )
+        )  # fmt: skip
 
     out.samples.append(Sample("database_xid_age", float(snap.xid_age)))
     if snap.xid_age > section.xid_age_threshold:
