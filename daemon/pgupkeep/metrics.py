@@ -61,6 +61,15 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "invalid_indexes": ((), "Invalid indexes."),
     "unused_indexes": ((), "Unused indexes over the size threshold."),
     "database_size_bytes": ((), "Database size in bytes."),
+    "replication_slot_retained_bytes": (("slot", "server"), "WAL a replication slot keeps, in bytes (worst report_top slots)."),
+    "replication_slot_active": (("slot", "server"), "1 if a consumer is connected to the replication slot."),
+    "replication_lag_seconds": (("standby", "kind", "server"), "A standby's write, flush and replay lag as the primary sees it."),
+    "standby_replay_delay_seconds": (("server",), "On a standby: how far replay is behind the WAL it has received (0 when caught up)."),
+    "sequence_used_ratio": (("sequence",), "Share of its range a sequence has used, capped by the column type it feeds (worst report_top)."),
+    "sequences_unreadable": ((), "Sequences whose value this role may not read (no SELECT or USAGE), so not judged."),
+    "xmin_horizon_age": (("holder_kind",), "Age in transactions of the oldest xmin holder of each kind (0: none)."),
+    "table_freeze_age": (("table",), "age(relfrozenxid) of the worst report_top tables by share of their freeze max age."),
+    "health_findings": (("kind", "server"), "Findings of each kind in the last health run (alerts read these: the thresholds are the policy's)."),
 }
 
 

@@ -192,6 +192,24 @@ class HealthSection(_Model):
     """Unused indexes smaller than this are not reported."""
     connections_warn_ratio: float = Field(0.8, ge=0, le=1)
     """Finding connections_high above this share of max_connections."""
+    slot_inactive_after: Duration = timedelta(minutes=10)
+    """Finding replication_slot_inactive for a slot inactive this long (PostgreSQL 17+: since its inactive_since; before 17: since pgupkeep first saw it inactive)."""
+    slot_retained_warn: Size = 10 * 1024**3
+    """Finding replication_slot_wal_retained when a slot keeps this much WAL (or its wal_status is unreserved)."""
+    replication_lag_warn: Duration = timedelta(minutes=5)
+    """Finding replication_lag when a standby's write, flush or replay lag (on a standby: its replay delay) passes this."""
+    xmin_horizon_warn: int = Field(100_000_000, ge=1, le=2_147_483_647)
+    """Finding xmin_horizon_held when the oldest xmin holder (session, replication slot, prepared transaction, standby feedback) is this many transactions old."""
+    prepared_transaction_after: Duration = timedelta(minutes=5)
+    """Finding prepared_transaction_old for a prepared transaction of this database older than this."""
+    freeze_age_warn: float = Field(0.8, gt=0, le=10)
+    """Finding table_freeze_age when a table's age(relfrozenxid) or mxid_age(relminmxid) passes this share of its effective autovacuum_freeze_max_age (or multixact one; reloptions honoured; 1.0 = anti-wraparound vacuum due)."""
+    autovacuum_lag_after: Duration = timedelta(hours=1)
+    """Finding autovacuum_lagging for a table whose dead tuples have been over its autovacuum threshold (reloptions honoured) this long without a vacuum."""
+    sequence_warn: float = Field(0.75, gt=0, le=1)
+    """Finding sequence_exhausting when a sequence has used this share of its range, capped by the type of the column it feeds."""
+    report_top: int = Field(50, ge=0, le=10_000)
+    """At most this many (the worst) slots, sequences and tables get per-object series and findings."""
 
 
 class Discover(_Model):
@@ -229,7 +247,7 @@ class Target(_Model):
     bloat: BloatSection | None = None
     """Flag (and optionally vacuum) bloated tables; flag (and optionally rebuild) bloated indexes."""
     health: HealthSection | None = None
-    """Connections, transaction-ID age, invalid and unused indexes, database size."""
+    """Connections, transaction-ID age, invalid and unused indexes, database size, replication slots and lag, sequences, xmin horizon, per-table freeze age and autovacuum lag."""
     discover: Discover | None = None
     """Make every matching database of the DSN's server a target `<name>/<database>` with these job sections (the DSN names the database discovery connects to; postgres if none)."""
 

@@ -19,6 +19,7 @@ import hashlib
 import math
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import psycopg
@@ -51,6 +52,7 @@ LEASE_KEEPALIVES = {
 }
 # Presence locks use the two-int4 advisory key space (objsubid 2), apart from the bigint leases.
 PRESENCE_CLASS = 0x70676B70  # "pgkp"
+SHARE_TTL = 5.0
 
 # The advisory locks held by this very backend: a session advisory lock through a pooler in
 # transaction mode would be held by whichever backend ran the statement. pg_locks shows a bigint
@@ -131,6 +133,7 @@ class Leases:
         self._members: dict[str, tuple[str, ...]] = {}  # shared home -> the targets it leases
         self._clear: set[str] = set()  # targets whose fence this replica took once since leading
         self._locks: dict[str, threading.RLock] = {}
+        self._replicas: dict[str, tuple[int, float]] = {}  # shared home -> (replicas present, read at)
         self._guard = threading.Lock()
         # This replica's presence on every lease session: replicas count each other by it.
         self.replica_id = random.SystemRandom().randrange(1, 2**31)
@@ -261,19 +264,26 @@ class Leases:
             return True
         return len(home.held) < self.fair_share(home_name)
 
-    def fair_share(self, home_name: str) -> int:
-        """ceil(targets of the home / replicas present there), this one included."""
+    def fair_share(self, home_name: str, fresh: bool = False) -> int:
+        """ceil(targets of the home / replicas present there), this one included. The replica
+        count is read at most every SHARE_TTL seconds (a follower asks at every run of every
+        database); `rebalance` reads it fresh."""
         with self._guard:
             home = self._homes.get(home_name)
             members = self._members.get(home_name, ())
+            cached = self._replicas.get(home_name)
         if home is None:
             return len(members)
-        try:
-            row = home.conn.execute(REPLICAS_SQL, (PRESENCE_CLASS,)).fetchone()
-            replicas = max(1, int(row[0])) if row else 1
-        except psycopg.Error:
-            return 0
-        return math.ceil(len(members) / replicas)
+        now = time.monotonic()
+        if fresh or cached is None or now - cached[1] > SHARE_TTL:
+            try:
+                row = home.conn.execute(REPLICAS_SQL, (PRESENCE_CLASS,)).fetchone()
+            except psycopg.Error:
+                return 0
+            cached = (max(1, int(row[0])) if row else 1, now)
+            with self._guard:
+                self._replicas[home_name] = cached
+        return math.ceil(len(members) / cached[0])
 
     def rebalance(self, homes: Iterable[tuple[str, Target]] = ()) -> tuple[list[str], list[str]]:
         """Bring this replica to its fair share of each shared home: release the leases beyond it
@@ -288,7 +298,7 @@ class Leases:
                 except psycopg.Error:
                     continue
                 self._verify(home_name)
-                share = self.fair_share(home_name)
+                share = self.fair_share(home_name, fresh=True)
                 with self._guard:
                     members = self._members.get(home_name, ())
                     total = sum(len(h.held) for h in self._homes.values())

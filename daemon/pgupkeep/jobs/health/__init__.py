@@ -1,8 +1,10 @@
 """The `health` job: the routine checks a DBA runs by hand, as findings and gauges.
 
-Connections by state (the target's database) against max_connections (the server's), transaction-ID
-wraparound age, invalid and unused indexes, database size. Read-only, one query per check, for the
-connected database.
+Here: connections by state (the target's database) against max_connections (the server's),
+transaction-ID wraparound age, invalid and unused indexes, database size. Beside it, one module per
+noun: replication (slots, lag), horizon (what holds back vacuum), sequences, tables (freeze age,
+autovacuum lag). Read-only, a few set-based statements each, for the connected database; it runs
+on standbys too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from psycopg.rows import dict_row
 
 from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.jobs.base import JobContext, JobKind
+from pgupkeep.jobs.health import horizon, replication, sequences, tables
 from pgupkeep.policy import HealthSection
 from pgupkeep.results import Finding, JobOutput, Plan, Sample
 
@@ -245,9 +248,36 @@ def judge(snap: Snapshot, section: HealthSection) -> JobOutput:
     return out
 
 
+# Every finding kind this job reports, each counted in `pgupkeep_health_findings{kind}` (0 when
+# absent), so alerts fire on the policy's own thresholds.
+FINDING_KINDS = (
+    "connections_high", "xid_wraparound", "invalid_index", "unused_index",
+    "replication_slot_inactive", "replication_slot_wal_retained", "replication_slot_lost", "replication_lag",
+    "sequence_exhausting", "xmin_horizon_held", "prepared_transaction_old", "table_freeze_age", "autovacuum_lagging",
+)  # fmt: skip
+
+
+def finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
+    """Findings of each kind, counting those left out of a bounded list (`over_threshold`)."""
+    listed = dict.fromkeys(FINDING_KINDS, 0)
+    total = dict.fromkeys(FINDING_KINDS, 0)
+    for f in findings:
+        listed[f.kind] = listed.get(f.kind, 0) + 1
+        total[f.kind] = max(total.get(f.kind, 0), int(f.detail.get("over_threshold", 0)))
+    return {kind: max(listed[kind], total[kind]) for kind in listed}
+
+
 def plan(ctx: JobContext) -> Plan:
     section: HealthSection = ctx.section
-    out = judge(read(ctx.conn, section), section)
+    conn = ctx.conn
+    snap = read(conn, section)
+    out = judge(snap, section)
+    out.extend(replication.judge(replication.read(conn), section, ctx.now, ctx.memo, snap.server))
+    out.extend(horizon.judge(horizon.read(conn, section), section))
+    out.extend(sequences.judge(sequences.read(conn, ctx.now, ctx.memo), section))
+    out.extend(tables.judge(tables.read(conn, section), section, ctx.now, ctx.memo))
+    server = {"server": snap.server}
+    out.samples += [Sample("health_findings", float(n), {"kind": kind, **server}) for kind, n in finding_counts(out.findings).items()]
     return Plan(findings=out.findings, samples=out.samples, errors=out.errors)
 
 
