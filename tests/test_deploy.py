@@ -39,7 +39,8 @@ LOG_EVENTS = (
     "job_finished", "partition_created", "partition_retired", "default_partition_conflict",
     "lock_timeout", "matview_refreshed", "long_running_query", "idle_in_transaction",
     "lock_wait",
-    "backend_signalled", "bloated_table", "table_vacuumed", "invalid_index", "xid_wraparound_risk",
+    "backend_signalled", "bloated_table", "table_vacuumed", "bloated_index", "index_reindexed",
+    "invalid_index", "xid_wraparound_risk",
     "sql_run", "history_write_failed",
 )  # fmt: skip
 # Series Prometheus makes itself, which rules may use besides pgupkeep's own.

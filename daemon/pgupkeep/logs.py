@@ -24,6 +24,8 @@ _ACTION_EVENTS = {
     "cancel_backend": "backend_signalled",
     "terminate_backend": "backend_signalled",
     "vacuum_table": "table_vacuumed",
+    "reindex_index": "index_reindexed",
+    "drop_invalid_index": "invalid_index_dropped",
     "run_sql": "sql_run",
 }
 _FINDING_EVENTS = {
@@ -53,6 +55,9 @@ _FINDING_EVENTS = {
     "slow_statement": ("slow_statement", "warning"),
     "n_plus_one_statement": ("n_plus_one_statement", "info"),
     "unindexed_foreign_key": ("unindexed_foreign_key", "info"),
+    "bloated_index": ("bloated_index", "warning"),
+    "index_skipped_locked": ("index_skipped_locked", "info"),
+    "insufficient_privilege": ("insufficient_privilege", "warning"),
     "extension_missing": ("extension_missing", "info"),
 }
 

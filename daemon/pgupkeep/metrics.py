@@ -54,6 +54,9 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "table_dead_tuple_ratio": (("table",), "Dead tuples / all tuples, 0-1 (worst report_top tables)."),
     "table_bloat_ratio": (("table",), "Estimated wasted share of the table, 0-1."),
     "table_bloat_bytes": (("table",), "Estimated wasted bytes."),
+    "bloated_indexes": ((), "B-tree indexes over max_index_bloat_ratio."),
+    "index_bloat_ratio": (("index",), "Wasted share of a B-tree index, 0-1 (worst report_top indexes)."),
+    "index_bloat_bytes": (("index",), "Wasted bytes of a B-tree index (what a REINDEX would give back)."),
     "database_xid_age": ((), "age(datfrozenxid) of the database, in transactions."),
     "invalid_indexes": ((), "Invalid indexes."),
     "unused_indexes": ((), "Unused indexes over the size threshold."),
@@ -188,6 +191,7 @@ class Metrics:
             ["target", "action", "dry_run"], registry=r,
         )  # fmt: skip
         self.tables_vacuumed = Counter(p + "tables_vacuumed_total", "Tables vacuumed.", ["target"], registry=r)
+        self.indexes_reindexed = Counter(p + "indexes_reindexed_total", "Indexes rebuilt (REINDEX INDEX CONCURRENTLY).", ["target"], registry=r)
         self.lease_changes = Counter(
             p + "lease_changes_total", "Lease changes of this replica: acquired, lost, released.",
             ["target", "change"], registry=r,
@@ -335,8 +339,8 @@ class Metrics:
         return [
             self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,
             self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
-            self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.lease_changes,
-            self.job_missed, self.sql_rows, *self.sample_counters.values(),
+            self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.indexes_reindexed,
+            self.lease_changes, self.job_missed, self.sql_rows, *self.sample_counters.values(),
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ results
@@ -394,6 +398,8 @@ class Metrics:
                 self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
         elif kind == "vacuum_table" and applied:
             self.tables_vacuumed.labels(t).inc()
+        elif kind == "reindex_index" and applied:
+            self.indexes_reindexed.labels(t).inc()
         elif kind == "run_sql" and "batches" in detail:  # a run that began (not a plan's action)
             rows = detail.get("rows")
             self.sql_rows.labels(t, str(detail.get("name", ""))).inc(rows if isinstance(rows, int) and rows > 0 else 0)
@@ -428,6 +434,7 @@ METRIC_NAMES = frozenset(
         "pgupkeep_matview_refreshes_total",
         "pgupkeep_backend_signals_total",
         "pgupkeep_tables_vacuumed_total",
+        "pgupkeep_indexes_reindexed_total",
         "pgupkeep_lease_changes_total",
         "pgupkeep_job_missed_total",
         "pgupkeep_targets",

@@ -27,6 +27,7 @@ from pgupkeep.policy_types import (
     StatementTimeout,
     TargetName,
     TimezoneName,
+    WindowText,
 )
 from pgupkeep.schedules import Schedule, parse_schedule
 from pgupkeep.sqltext import read_statement
@@ -190,6 +191,16 @@ class BloatSection(_Model):
         description="Time spent on exact pgstattuple_approx figures for the worst candidates; the rest keep the estimate (0: none).",
     )
     vacuum_timeout: StatementTimeout = Field(timedelta(hours=1), description="statement_timeout of each VACUUM (1ms to 2147483647ms).")
+    min_index_size: Size = 10 * 1024**2
+    """Smaller B-tree indexes are not checked for bloat."""
+    max_index_bloat_ratio: float = Field(0.5, ge=0, le=1)
+    """Flag a B-tree index whose wasted share (what a REINDEX would give back) exceeds this."""
+    reindex: bool = False
+    """REINDEX INDEX CONCURRENTLY flagged indexes and invalid ones left by a failed CREATE INDEX CONCURRENTLY, one at a time."""
+    reindex_window: WindowText | None = None
+    """Five-field cron expression in the daemon's timezone: a REINDEX starts only in a minute it matches ("* 2-4 * * 0,6" is 02:00-04:59 on weekends). Omit for any time."""
+    max_reindex_size: Size = 10 * 1024**3
+    """Indexes larger than this are never rebuilt (a REINDEX CONCURRENTLY needs as much free disk again)."""
 
 
 class HealthSection(_Model):
@@ -339,7 +350,7 @@ class Target(_Model):
     long_running_queries: LongRunningQueriesSection | None = None
     """Flag (and optionally signal) long-running and idle-in-transaction sessions."""
     bloat: BloatSection | None = None
-    """Flag (and optionally vacuum) bloated tables."""
+    """Flag (and optionally vacuum) bloated tables; flag (and optionally rebuild) bloated indexes."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size, replication slots and lag, sequences, xmin horizon, per-table freeze age and autovacuum lag."""
     query_insights: QueryInsightsSection | None = None

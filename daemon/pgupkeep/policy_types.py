@@ -103,6 +103,22 @@ ScheduleText = Annotated[
         }
     ),
 ]
+def parse_window(value: object) -> Schedule:
+    """A five-field cron expression whose matching minutes form a window (no `every`)."""
+    if isinstance(value, str) and value.strip().lower().startswith("every"):
+        raise ValueError('must be a five-field cron expression whose matching minutes form the window, such as "* 2-4 * * 0,6"')
+    return parse_schedule(value)
+
+
+WindowText = Annotated[
+    Schedule,
+    PlainValidator(parse_window),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "description": "five-field cron (0 and 7 are Sunday); the minutes it matches form the window", "examples": ["* 2-4 * * 0,6"]}
+    ),
+]
+
 RetentionText = Annotated[
     Retention,
     PlainValidator(parse_retention),

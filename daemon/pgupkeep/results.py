@@ -24,6 +24,8 @@ ACTIONS = (
     "cancel_backend",
     "terminate_backend",
     "vacuum_table",
+    "reindex_index",
+    "drop_invalid_index",
     "run_sql",
 )
 FINDINGS = (
@@ -54,6 +56,9 @@ FINDINGS = (
     "slow_statement",
     "n_plus_one_statement",
     "unindexed_foreign_key",
+    "bloated_index",
+    "index_skipped_locked",
+    "insufficient_privilege",
     "extension_missing",
 )
 
