@@ -11,56 +11,18 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
-from partition_helpers import leave_detach_pending
+from partition_helpers import actions, bounds, leave_detach_pending, mark, run_job, samples
 from pgupkeep import db
 from pgupkeep.jobs import partitions
 from pgupkeep.jobs.base import JobContext
 from pgupkeep.jobs.partitions import plan_table
-from pgupkeep.jobs.partitions.catalog import (
-    assign_names,
-    probe_defaults,
-    read_catalog,
-    read_integer_bases,
-)
+from pgupkeep.jobs.partitions.catalog import read_catalog
+from pgupkeep.jobs.partitions.reads import assign_names, probe_defaults, read_integer_bases
 from pgupkeep.policy import Target, parse_policy
 from pgupkeep.results import Action, Finding, ItemError, JobOutput, Plan
 from pgupkeep.runner import Fence, apply_plan, execute_job
 
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-def run_job(dsn: str, tables_yaml: str, now: datetime, *, apply: bool = True, timezone: str = "UTC",
-            session: str = "", sleep=lambda s: None) -> JobOutput:
-    text = (
-        f"version: 1\ndaemon:\n  timezone: {timezone}\n"
-        f"targets:\n  - name: t\n    dsn: \"${{DSN}}\"\n{session}"
-        f"    partitions:\n      tables:\n{tables_yaml}"
-    )
-    policy = parse_policy(text, environ={"DSN": dsn})
-    target = policy.targets[0]
-    with db.connect(target) as c:
-        ctx = JobContext(target=target, section=target.partitions, conn=c, now=now,
-                         timezone=policy.daemon.zone, apply=apply, sleep=sleep,
-                         connect=lambda **kw: db.connect(target, **kw))
-        return execute_job(partitions.KIND, ctx)
-
-
-def bounds(conn: psycopg.Connection, parent: str) -> list[tuple[str, str]]:
-    """(partition, bound expression) of a parent, by name, read in UTC."""
-    conn.execute("SET TimeZone = 'UTC'")
-    return conn.execute(
-        """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i
-           JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass ORDER BY 1""",
-        (parent,),
-    ).fetchall()
-
-
-def actions(out: JobOutput) -> list[tuple[str, str, bool]]:
-    return [(a.action, a.object, a.applied) for a in out.actions]
-
-
-def samples(out: JobOutput) -> dict[tuple[str, str], float]:
-    return {(s.metric, s.labels["table"]): s.value for s in out.samples}
 
 
 MONTHLY = "        - table: public.orders\n          interval: monthly\n"
@@ -96,6 +58,8 @@ def test_monthly_premake_then_idempotent(conn: psycopg.Connection, database: str
     assert out.errors == [] and out.findings == []
     assert samples(out) == {
         ("partition_premade", "public.orders"): 3.0,
+        ("partition_premake_target", "public.orders"): 3.0,
+        ("partition_runway_warn", "public.orders"): 3.0,
         ("partition_default_rows", "public.orders"): 0.0,
         ("partition_runway_seconds", "public.orders"): (datetime(2027, 3, 1, tzinfo=UTC) - now).total_seconds(),
     }
@@ -197,7 +161,8 @@ def test_integer_interval_counts_from_max_key(conn: psycopg.Connection, database
         ("create_partition", "public.ints_3000", True),
         ("detach_partition", "public.ints_low", True),
     ]
-    assert out.actions[2].sql == 'ALTER TABLE "public"."ints" DETACH PARTITION "public"."ints_low";'
+    assert out.actions[2].sql == ('COMMENT ON TABLE "public"."ints_low" ' + mark("ints", "detach")
+                                  + 'ALTER TABLE "public"."ints" DETACH PARTITION "public"."ints_low";')
     assert out.errors == []
     assert out.findings == [Finding(
         "default_partition_rows", "public.ints", 1,
@@ -206,7 +171,12 @@ def test_integer_interval_counts_from_max_key(conn: psycopg.Connection, database
         {"table": "public.ints", "conflict": False, "range": None, "resolution": None,
          "default_partition": "public.ints_def"},
     )]
-    assert samples(out) == {("partition_premade", "public.ints"): 2.0, ("partition_default_rows", "public.ints"): 1.0}
+    assert samples(out) == {
+        ("partition_premade", "public.ints"): 2.0, ("partition_premake_target", "public.ints"): 2.0,
+        ("partition_runway_warn", "public.ints"): 2.0, ("partition_default_rows", "public.ints"): 1.0,
+        ("partition_runway_values", "public.ints"): 2500.0,  # from the max key 1500 to 4000, where ints_3000 ends
+        ("partitions_detached", "public.ints"): 1.0,
+    }
     assert bounds(conn, "ints") == [
         ("ints_2000", "FOR VALUES FROM ('2000') TO ('3000')"),
         ("ints_3000", "FOR VALUES FROM ('3000') TO ('4000')"),
@@ -296,18 +266,29 @@ NOV = datetime(2026, 11, 20, tzinfo=UTC)
 DEC_RANGE = "[2026-12-01 00:00:00+00:00, 2027-01-01 00:00:00+00:00)"
 
 
-def test_default_conflict_fail(conn: psycopg.Connection, database: str) -> None:
+def test_default_conflict_fail_withholds_only_the_conflicting_range(conn: psycopg.Connection, database: str) -> None:
     _default_table(conn, "dfail")
-    out = run_job(database, _default_yaml("dfail", "fail"), NOV)
+    yaml = _default_yaml("dfail", "fail").replace("premake: 2", "premake: 4")
+    out = run_job(database, yaml, NOV)
     message = (f"public.dfail: 12 rows in the default partition public.dfail_default fall in {DEC_RANGE}, the range of "
                "new partition public.dfail_2026_12; move them out, or set on_default_conflict: move (or skip)")
     assert out.errors == [ItemError("public.dfail", message)]
-    assert out.actions == []
+    # December is withheld; the months after it are not.
+    assert actions(out) == [("create_partition", f"public.dfail_2027_{m}", True) for m in ("01", "02", "03")]
     assert out.findings[0] == Finding("default_partition_rows", "public.dfail", 12, message, {
         "table": "public.dfail", "conflict": True, "range": DEC_RANGE, "resolution": "fail",
         "default_partition": "public.dfail_default", "partition": "public.dfail_2026_12"})
     assert [f.kind for f in out.findings] == ["default_partition_rows", "partition_runway_low"]
     assert samples(out)[("partition_default_rows", "public.dfail")] == 13.0
+    # The hole at December is the conflict's, reported as such, not as a gap to fill by hand.
+    again = run_job(database, yaml, NOV)
+    assert (again.actions, again.errors) == ([], [ItemError("public.dfail", message)])
+    assert [f.kind for f in again.findings] == ["default_partition_rows", "partition_runway_low"]
+    conn.execute("DELETE FROM dfail_default WHERE k >= '2026-12-01+00'")  # the operator moves the rows out
+    fixed = run_job(database, yaml, NOV)
+    assert (actions(fixed), fixed.errors) == ([("create_partition", "public.dfail_2026_12", True)], [])
+    assert [(f.kind, f.value, f.detail["conflict"]) for f in fixed.findings] == [("default_partition_rows", 1, False)]  # 1999's
+    assert samples(fixed)[("partition_premade", "public.dfail")] == 4.0
 
 
 def test_default_conflict_skip(conn: psycopg.Connection, database: str) -> None:
@@ -383,7 +364,8 @@ def test_retention_detach_concurrently(conn: psycopg.Connection, database: str) 
     _history(conn, "rc")
     out = run_job(database, _retention_yaml("rc"), NOV)  # cutoff 2026-09-20: June..August are old
     assert actions(out) == [("detach_partition", f"public.rc_{m}", True) for m in ("min", "06", "07", "08")]
-    assert out.actions[1].sql == 'ALTER TABLE "public"."rc" DETACH PARTITION "public"."rc_06" CONCURRENTLY;'
+    assert out.actions[1].sql == ('COMMENT ON TABLE "public"."rc_06" ' + mark("rc", "detach")
+                                  + 'ALTER TABLE "public"."rc" DETACH PARTITION "public"."rc_06" CONCURRENTLY;')
     assert out.actions[1].detail == {"table": "public.rc", "range": "[2026-06-01 00:00:00+00:00, 2026-07-01 00:00:00+00:00)",
                                      "retention": "2 months", "mode": "concurrent"}
     assert (out.errors, out.findings) == ([], [])
@@ -396,7 +378,8 @@ def test_retention_plain_detach_with_default_and_drop(conn: psycopg.Connection, 
     _history(conn, "rp", default=True)
     out = run_job(database, _retention_yaml("rp", "drop"), NOV)
     assert actions(out) == [("drop_partition", f"public.rp_{m}", True) for m in ("min", "06", "07", "08")]
-    assert out.actions[1].sql == ('ALTER TABLE "public"."rp" DETACH PARTITION "public"."rp_06";\n'
+    assert out.actions[1].sql == ('COMMENT ON TABLE "public"."rp_06" ' + mark("rp", "drop")
+                                  + 'ALTER TABLE "public"."rp" DETACH PARTITION "public"."rp_06";\n'
                                   'DROP TABLE "public"."rp_06";')
     assert out.actions[1].detail["mode"] == "plain"
     assert out.errors == []
@@ -437,17 +420,25 @@ def test_a_drop_retried_after_its_detach_committed_resumes_at_the_drop(conn: psy
     assert conn.execute("SELECT to_regclass('rd_min') IS NULL").fetchone()[0]
 
 
-def test_a_drop_that_gives_up_after_its_detach_says_to_drop_the_table_by_hand(conn: psycopg.Connection, database: str) -> None:
+def test_a_drop_that_gives_up_after_its_detach_is_finished_by_the_next_run(conn: psycopg.Connection, database: str) -> None:
     _history(conn, "re")
     out, pid = _retire_with_a_reader_at_drop(database, "re", leaves=False)
     assert len(out.errors) == 1
     message = out.errors[0].message
     assert message.startswith("public.re: public.re_min was detached but not dropped: ")
     assert f"blocked by pids [{pid}]" in message
-    assert message.endswith('; it is now a plain table outside the partitioned table, which pgupkeep no longer '
-                            'manages: drop it by hand (DROP TABLE "public"."re_min")')
+    assert message.endswith("; it is marked as being retired and the next run drops it (finish_retirement)")
     assert actions(out) == [("drop_partition", "public.re_min", False)]  # the table's next steps wait for the next run
     assert conn.execute("SELECT relispartition FROM pg_class WHERE oid = 're_min'::regclass").fetchone()[0] is False
+    assert samples(out)[("partitions_detached", "public.re")] == 1.0  # not dropped yet: counted
+    again = run_job(database, _retention_yaml("re", "drop"), NOV)
+    assert actions(again) == [("finish_retirement", "public.re_min", True)] + [
+        ("drop_partition", f"public.re_{m}", True) for m in ("06", "07", "08")]
+    assert again.actions[0].sql == 'DROP TABLE "public"."re_min";'
+    assert again.actions[0].detail == {"table": "public.re", "state": "detached", "retention_action": "drop"}
+    assert again.errors == []
+    assert samples(again)[("partitions_detached", "public.re")] == 0.0
+    assert conn.execute("SELECT to_regclass('re_min') IS NULL").fetchone()[0]
 
 
 def test_retention_finishes_a_half_done_detach(conn: psycopg.Connection, database: str) -> None:
@@ -456,7 +447,8 @@ def test_retention_finishes_a_half_done_detach(conn: psycopg.Connection, databas
     assert conn.execute("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = 'rf_07'::regclass").fetchone()[0]
     out = run_job(database, _retention_yaml("rf", "drop"), NOV)
     assert actions(out) == [("drop_partition", f"public.rf_{m}", True) for m in ("07", "min", "06", "08")]
-    assert out.actions[0].sql == ('ALTER TABLE "public"."rf" DETACH PARTITION "public"."rf_07" FINALIZE;\n'
+    assert out.actions[0].sql == ('COMMENT ON TABLE "public"."rf_07" ' + mark("rf", "drop")
+                                  + 'ALTER TABLE "public"."rf" DETACH PARTITION "public"."rf_07" FINALIZE;\n'
                                   'DROP TABLE "public"."rf_07";')
     assert out.errors == []
     assert [n for n, _ in bounds(conn, "rf")] == ["rf_09", "rf_10", "rf_11", "rf_12"]
@@ -528,7 +520,7 @@ def test_two_hundred_tables_in_one_target(conn: psycopg.Connection, database: st
     out = run_job(database, yaml, NOV)
     assert (out.errors, out.findings) == ([], [])
     assert actions(out) == [("create_partition", f"many.t{i}_{m}", True) for i in range(1, 201) for m in ("2026_11", "2026_12")]
-    assert len(out.samples) == 600 and {s.value for s in out.samples if s.metric == "partition_premade"} == {1.0}
+    assert len(out.samples) == 5 * 200 and {s.value for s in out.samples if s.metric == "partition_premade"} == {1.0}
     again = run_job(database, yaml, NOV)
     assert (again.actions, again.errors, again.findings) == ([], [], [])
     assert conn.execute("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent "
@@ -568,8 +560,12 @@ def test_locked_default_partition_fails_only_that_table(conn: psycopg.Connection
     # The locked table's premade and runway are still known from the catalog; its default rows are not.
     assert samples(out) == {
         ("partition_premade", "public.la"): 0.0,
+        ("partition_premake_target", "public.la"): 1.0,
+        ("partition_runway_warn", "public.la"): 1.0,
         ("partition_runway_seconds", "public.la"): (datetime(2026, 12, 1, tzinfo=UTC) - NOV).total_seconds(),
         ("partition_premade", "public.lb"): 1.0,
+        ("partition_premake_target", "public.lb"): 1.0,
+        ("partition_runway_warn", "public.lb"): 1.0,
         ("partition_default_rows", "public.lb"): 0.0,
         ("partition_runway_seconds", "public.lb"): (datetime(2027, 1, 1, tzinfo=UTC) - NOV).total_seconds(),
     }
@@ -650,7 +646,7 @@ def test_locks_seen_in_the_catalog_skip_only_reads_they_block(conn: psycopg.Conn
         f"[{holder_pid}]; pgupkeep does not wait behind it (it must read the current max key first): the table is "
         "skipped and retried on the next run; see pg_stat_activity for those sessions"))]
     assert actions(out) == [("create_partition", "public.tc_2026_11", True), ("create_partition", "public.tc_2026_12", True)]
-    assert [s.labels["table"] for s in out.samples] == ["public.tc"] * 3  # ic's max key, so its runway, is unknown
+    assert [s.labels["table"] for s in out.samples] == ["public.tc"] * 5  # ic's max key, so its runway, is unknown
 
 
 def test_rows_arriving_after_the_count_fail_attach_for_that_table_only(conn: psycopg.Connection, database: str) -> None:

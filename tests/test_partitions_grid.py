@@ -130,3 +130,41 @@ def test_literals() -> None:
     assert grid.literal(-7, "integer", BERLIN) == "-7"
     assert grid.literal(-math.inf, "integer", BERLIN) == "MINVALUE"
     assert grid.describe(0, 10, "integer", BERLIN) == "[0, 10)"
+
+
+@pytest.mark.parametrize("base,width,count,key_type,expected", [
+    (5, 10, 2, "int4", [(0, 10, "0"), (10, 20, "10"), (20, 30, "20")]),
+    # The slot that would end past the type's max ends at MAXVALUE, and none follows it.
+    (2_050_000_000, 100_000_000, 3, "int4", [(2_000_000_000, 2_100_000_000, "2000000000"), (2_100_000_000, math.inf, "2100000000")]),
+    (30_000, 8192, 2, "int2", [(24_576, math.inf, "24576")]),  # 32768 itself is no int2
+    (2**63 - 5, 10, 1, "int8", [(2**63 - 8, math.inf, "9223372036854775800")]),
+    (-32_768, 1000, 1, "int2", [(-math.inf, -32_000, "m32768"), (-32_000, -31_000, "m32000")]),
+])
+def test_integer_slots_stay_inside_the_type(base: int, width: int, count: int, key_type: str, expected: list) -> None:
+    assert [(s.lo, s.hi, s.suffix) for s in grid.integer_slots(base, width, count, key_type)] == expected
+
+
+def test_key_used_share() -> None:
+    assert grid.key_used_share(2**31 - 1, "int4") == 1.0
+    assert grid.key_used_share(-5, "int8") == 0.0
+    assert grid.key_used_share(16_384, "int2") == pytest.approx(0.5, abs=1e-4)
+
+
+def test_key_growth_spans_one_to_two_windows() -> None:
+    w = grid.GROWTH_WINDOW
+    rate, kept = grid.key_growth((), 0.0, 100)
+    assert (rate, kept) == (None, [(0.0, 100)])  # the first run measures nothing yet
+    rate, kept = grid.key_growth(kept, 60.0, 160)  # a minute later: from the first observation
+    assert (rate, kept) == (1.0, [(0.0, 100)])
+    rate, kept = grid.key_growth(kept, w, 100 + w * 2)
+    assert (rate, kept) == (2.0, [(0.0, 100), (w, 100 + w * 2)])
+    rate, kept = grid.key_growth(kept, 2 * w, 100 + w * 4)  # measured from the older anchor, then it is dropped
+    assert (rate, kept) == (2.0, [(w, 100 + w * 2), (2 * w, 100 + w * 4)])
+    assert grid.key_growth(kept, 2 * w + 60, 100 + w * 4) == (pytest.approx((w * 2) / (w + 60)), kept)
+    assert grid.key_growth(kept, 3 * w, 5) == (None, [(3 * w, 5)])  # the key went back: start over
+
+
+def test_a_gap_the_grid_fills_is_covered() -> None:
+    slots = [Slot(10, 20, "10"), Slot(20, 30, "20")]
+    assert grid.covered(10, 30, slots) and grid.covered(12, 20, slots)
+    assert not grid.covered(5, 20, slots) and not grid.covered(10, 31, slots)

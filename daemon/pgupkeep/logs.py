@@ -27,6 +27,7 @@ _ACTION_EVENTS = {
     "reindex_index": "index_reindexed",
     "drop_invalid_index": "invalid_index_dropped",
     "run_sql": "sql_run",
+    "finish_retirement": "retirement_finished",
 }
 _FINDING_EVENTS = {
     "long_running_query": ("long_running_query", "warning"),
@@ -59,6 +60,7 @@ _FINDING_EVENTS = {
     "index_skipped_locked": ("index_skipped_locked", "info"),
     "insufficient_privilege": ("insufficient_privilege", "warning"),
     "extension_missing": ("extension_missing", "info"),
+    "partition_key_exhausting": ("partition_key_exhausting", "warning"),
 }
 
 

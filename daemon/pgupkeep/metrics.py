@@ -37,8 +37,12 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 # Gauges a job reports through samples: name (without prefix) -> (labels besides target, help).
 SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "partition_premade": (("table",), "Partitions ready after the current one."),
-    "partition_runway_seconds": (("table",), "Seconds until the last partition's upper bound."),
+    "partition_runway_seconds": (("table",), "Seconds until the last partition's upper bound (integer keys: at the growth seen between runs)."),
     "partition_default_rows": (("table",), "Rows in the default partition."),
+    "partition_premake_target": (("table",), "The table's premake: partitions to keep ready (what fits, near an integer type's end)."),
+    "partition_runway_warn": (("table",), "Fewer ready partitions than this is low runway (runway_warn, default premake)."),
+    "partition_runway_values": (("table",), "Integer keys: key values left before the last ready partition's upper bound."),
+    "partitions_detached": (("table",), "Partitions retired by detach and kept (or not yet dropped) as plain tables."),
     "matview_last_refresh_timestamp_seconds": (("view",), "Unix time of the last successful refresh."),
     "matview_refresh_duration_seconds": (("view",), "Duration of the last refresh."),
     "long_running_queries": (("state",), "Sessions over threshold, by state (active, idle_in_transaction)."),
@@ -389,6 +393,8 @@ class Metrics:
             self.partitions_created.labels(t, table).inc()
         elif kind in ("detach_partition", "drop_partition") and applied:
             self.partitions_retired.labels(t, table, kind.split("_")[0]).inc()
+        elif kind == "finish_retirement" and applied:  # the run that began it stopped before it counted
+            self.partitions_retired.labels(t, table, str(detail.get("retention_action", ""))).inc()
         elif kind == "refresh_materialized_view" and "outcome" in detail:
             self.matview_refreshes.labels(t, str(detail.get("view", "")), str(detail.get("mode", "")), str(detail["outcome"])).inc()
         elif kind in ("cancel_backend", "terminate_backend"):

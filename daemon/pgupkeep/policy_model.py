@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
 
+from pgupkeep import reloptions
 from pgupkeep.policy_types import (
     ConnectTimeout,
     Dsn,
@@ -100,6 +111,32 @@ class SessionSettings(_Model):
     """Upper bound of an idle transaction of pgupkeep's own sessions (0: no limit; at most 2147483647ms)."""
 
 
+def _reloption_field(option: reloptions.Reloption) -> tuple[Any, Any]:
+    schema: dict[str, Any] = {
+        "int": {"type": "integer"}, "real": {"type": "number"}, "bool": {"type": "boolean"},
+        "enum": {"anyOf": [{"enum": list(reloptions.ENUM_VALUES)}, {"type": "boolean"}]},
+    }[option.kind]
+    if option.lo is not None:
+        schema = {**schema, "minimum": option.lo, "maximum": option.hi}
+    kind = Annotated[Any, PlainValidator(functools.partial(reloptions.check, option.name)), WithJsonSchema(schema)]
+    return kind, Field(None, alias=option.name, description=reloptions.describe(option))
+
+
+StorageParameters = create_model(  # type: ignore[call-overload]
+    "StorageParameters",
+    __base__=_Model,
+    __doc__="Storage parameters (reloptions) each new partition is created WITH.",
+    **{name.replace(".", "__"): _reloption_field(option) for name, option in reloptions.RELOPTIONS.items()},
+)
+# A mapping of PostgreSQL's own reloption names, not policy keys of pgupkeep's: validated by the
+# model above (each problem located at its key), documented from reloptions.RELOPTIONS.
+StorageParameterMap = Annotated[
+    Any,
+    PlainValidator(lambda value: None if value is None else StorageParameters.model_validate(value)),
+    WithJsonSchema({"anyOf": [StorageParameters.model_json_schema(), {"type": "null"}]}),
+]
+
+
 class PartitionTable(_Model):
     table: RelationName
     """Schema-qualified parent table; must already be PARTITION BY RANGE."""
@@ -112,10 +149,16 @@ class PartitionTable(_Model):
     retention_action: Literal["detach", "drop"] = "detach"
     """detach (DETACH ... CONCURRENTLY where possible) or drop."""
     on_default_conflict: Literal["fail", "skip", "move"] = "fail"
-    """When the default partition holds rows of a partition to create: fail, skip that partition, or move the rows."""
+    """When the default partition holds rows of a range to create: fail (that range is withheld and the table reported failed; later ranges are still created), skip (withheld, not failed), or move the rows into the new partition."""
     runway_warn: int | None = Field(
         None, ge=0, description="Finding partition_runway_low when fewer partitions than this are ready (default: premake)."
     )
+    inherit_privileges: bool = True
+    """Copy the parent's table and column GRANTs to each new partition (it always takes the parent's owner)."""
+    storage_parameters: StorageParameterMap = None
+    """Storage parameters each new partition is created WITH, e.g. {fillfactor: 70, autovacuum_vacuum_scale_factor: 0.05}; see the table below."""
+    key_exhaustion_warn: float = Field(0.8, gt=0, le=1)
+    """Integer keys: finding partition_key_exhausting once the max key has used this share of the key type's range."""
 
 
 class PartitionsSection(_Model):

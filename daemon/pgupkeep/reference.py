@@ -31,6 +31,7 @@ from pgupkeep.policy import (
     ViewPolicy,
     policy_schema,
 )
+from pgupkeep.reloptions import RELOPTIONS, describe
 from pgupkeep.units import format_duration
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -100,8 +101,20 @@ def markdown() -> str:
             if model is Target and name in JOB_KINDS:
                 default = "off"
             text = (field.description or "").replace("|", "\\|")
-            out.append(f"| `{name}` | {default} | {text} |")
+            out.append(f"| `{field.alias or name}` | {default} | {text} |")
         out.append("")
+    out += [
+        "## `targets[].partitions.tables[].storage_parameters`",
+        "",
+        "PostgreSQL's storage parameters for tables (unset: the server's default); each new partition is",
+        "created `WITH` them. `pgupkeep check` rejects other names and values out of range; `plan` fails a",
+        "table whose parameter the server's version does not know yet.",
+        "",
+        "| key | meaning |",
+        "|---|---|",
+    ]
+    out += [f"| `{name}` | {describe(option)} |" for name, option in RELOPTIONS.items()]
+    out.append("")
     return "\n".join(out)
 
 

@@ -27,6 +27,7 @@ ACTIONS = (
     "reindex_index",
     "drop_invalid_index",
     "run_sql",
+    "finish_retirement",
 )
 FINDINGS = (
     "long_running_query",
@@ -60,6 +61,7 @@ FINDINGS = (
     "index_skipped_locked",
     "insufficient_privilege",
     "extension_missing",
+    "partition_key_exhausting",
 )
 
 

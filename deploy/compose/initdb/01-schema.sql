@@ -2,6 +2,10 @@
 -- (pgupkeep makes them) and a materialized view over it with the unique index that REFRESH
 -- CONCURRENTLY needs. Owned by app_owner, as an application's objects would be.
 CREATE ROLE app_owner NOLOGIN;
+-- The owner creates its tables in its schema, so it may also be given the partitions pgupkeep
+-- creates (ALTER TABLE ... OWNER TO needs the new owner's CREATE on the schema). Since
+-- PostgreSQL 15 `public` grants CREATE to no one but the database owner.
+GRANT CREATE ON SCHEMA public TO app_owner;
 
 CREATE TABLE public.events (
     id         bigint GENERATED ALWAYS AS IDENTITY,

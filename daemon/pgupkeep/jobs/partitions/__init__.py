@@ -1,29 +1,33 @@
-"""The `partitions` job: keep `premake` range partitions ready after the current one, retire old
-ones, and report runway, gaps, overlaps and default-partition rows. This module orchestrates; the
-catalog reads live in catalog (other sessions' locks in locks), the DDL in
-ddl, the calendar in grid.
+"""The `partitions` job: keep `premake` range partitions ready after the current one, each owned
+and granted as its parent; retire old ones crash-safely; report runway, gaps, overlaps,
+default-partition rows and integer keys near the end of their type. This module orchestrates; the
+catalog read lives in catalog, the reads of the tables in reads (other sessions' locks in locks),
+the DDL in ddl and retirement, owner and grants in privileges, the calendar in grid.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.partitions import grid
-from pgupkeep.jobs.partitions.catalog import (
-    Table,
-    assign_names,
-    probe_defaults,
-    read_catalog,
-    read_integer_bases,
-    validate,
-)
-from pgupkeep.jobs.partitions.ddl import DdlStep, apply_step, create_steps, retire_steps
+from pgupkeep.jobs.partitions.catalog import Table, read_catalog, validate
+from pgupkeep.jobs.partitions.ddl import DdlStep, create_steps, storage_problem
 from pgupkeep.jobs.partitions.grid import Partition
 from pgupkeep.jobs.partitions.locks import lock_in_the_way
+from pgupkeep.jobs.partitions.privileges import rights_problem
+from pgupkeep.jobs.partitions.reads import assign_names, probe_defaults, read_integer_bases
+from pgupkeep.jobs.partitions.retirement import (
+    apply_step,
+    detached_after,
+    finish_steps,
+    retire_steps,
+)
 from pgupkeep.results import Finding, ItemError, JobOutput, Plan, Sample, Step
 
 
@@ -31,8 +35,8 @@ def plan_table(t: Table, now: datetime, tz: ZoneInfo) -> list[Finding]:
     """The wanted grid against the existing bounds: which slots to create, what to report."""
     p = t.policy
     if isinstance(p.interval, int):
-        assert t.base is not None
-        slots = grid.integer_slots(t.base, p.interval, p.premake)
+        assert t.base is not None and t.key_type is not None
+        slots = grid.integer_slots(t.base, p.interval, p.premake, t.key_type)
     else:
         slots = grid.time_slots(now, p.interval, t.kind, tz, p.premake)
     t.slots = grid.classify(slots, t.parts)
@@ -40,6 +44,8 @@ def plan_table(t: Table, now: datetime, tz: ZoneInfo) -> list[Finding]:
     findings = []
     gaps, overlaps = grid.gaps_and_overlaps(t.parts)
     for a, b in gaps:
+        if grid.covered(a.hi, b.lo, t.creates):
+            continue  # ranges of the grid this run creates (or withholds, and says why)
         rng = grid.describe(a.hi, b.lo, t.kind, tz)
         findings.append(Finding(
             "partition_gap", t.label, None,
@@ -63,7 +69,27 @@ def plan_table(t: Table, now: datetime, tz: ZoneInfo) -> list[Finding]:
                 "pgupkeep will not create an overlapping partition: align those bounds to the interval by hand",
                 {"table": t.label, "range": rng, "partitions": names},
             ))
+    if t.kind == "integer":
+        findings.extend(key_findings(t))
     return findings
+
+
+def key_findings(t: Table) -> list[Finding]:
+    """partition_key_exhausting once the max key has used `key_exhaustion_warn` of its type."""
+    assert t.base is not None and t.key_type is not None
+    share = grid.key_used_share(t.base, t.key_type)
+    if share < t.policy.key_exhaustion_warn:
+        return []
+    top = grid.INTEGER_LIMITS[t.key_type][1]
+    bigger = "" if t.key_type == "int8" else "; convert it to bigint (ALTER TABLE ... ALTER COLUMN ... TYPE bigint rewrites the table) before it runs out"
+    return [Finding(
+        "partition_key_exhausting", t.label, round(share, 6),
+        f"{t.label}: the partition key {t.key_name} ({t.key_type}) has reached {t.base}, {share:.1%} of its type's "
+        f"maximum {top} (key_exhaustion_warn {t.policy.key_exhaustion_warn:g}); the last partition ends at MAXVALUE"
+        + bigger,
+        {"table": t.label, "key_type": t.key_type, "max_key": t.base, "type_max": top, "share": round(share, 6),
+         "warn": t.policy.key_exhaustion_warn},
+    )]
 
 
 def default_findings(t: Table, tz: ZoneInfo) -> tuple[list[Finding], ItemError | None]:
@@ -102,7 +128,7 @@ def default_findings(t: Table, tz: ZoneInfo) -> tuple[list[Finding], ItemError |
 
 def plan(ctx: JobContext) -> Plan:
     out = Plan()
-    tz = ctx.timezone
+    tz, version = ctx.timezone, ctx.conn.info.server_version
     known = ctx.memo.setdefault("partitions", {})
     tables = read_catalog(ctx.conn, ctx.section.tables, known) if ctx.section.tables else []
     ok = []
@@ -114,21 +140,27 @@ def plan(ctx: JobContext) -> Plan:
             ok.append(t)
     for t in ok:
         # A table whose reads would wait behind another session's lock is left alone this run,
-        # before any read of it could stall (or, in a shared statement, fail) the others.
+        # before any read of it could stall (or, in a shared statement, fail) the others. One
+        # pgupkeep may not change is read no further: its DDL would fail half-way.
         t.blocked = lock_in_the_way(t)
-    read_integer_bases(ctx.conn, [t for t in ok if t.kind == "integer" and not t.blocked])
+        t.denied = rights_problem(t.label, t.name.schema, t.rights, version) or storage_problem(t, version)
+    read_integer_bases(ctx.conn, [t for t in ok if t.kind == "integer" and not (t.blocked or t.denied)])
     planned = [t for t in ok if t.kind != "integer" or t.base is not None]
+    growth = ctx.memo.setdefault("growth", {})
     for t in planned:
         out.findings.extend(plan_table(t, ctx.now, tz))
+        if t.kind == "integer":
+            assert t.base is not None
+            t.growth, growth[t.label] = grid.key_growth(growth.get(t.label, ()), ctx.now.timestamp(), t.base)
     # An empty default partition (0 bytes) holds no rows: only the others are counted, including
     # any whose size was not read (None). The count is exact, taken just before the DDL; a row
     # arriving after it makes ATTACH fail for that table alone.
-    probe_defaults(ctx.conn, [t for t in planned if not t.blocked and t.default is not None and t.default_bytes != 0])
-    assign_names(ctx.conn, [t for t in planned if not t.blocked])
+    probe_defaults(ctx.conn, [t for t in planned if not (t.blocked or t.denied) and t.default is not None and t.default_bytes != 0])
+    assign_names(ctx.conn, [t for t in planned if not (t.blocked or t.denied)])
     gauged: list[Table] = []
     for t in ok:
-        if t.blocked:
-            out.errors.append(ItemError(t.label, t.blocked))
+        if t.blocked or t.denied:
+            out.errors.append(ItemError(t.label, t.blocked or t.denied or ""))
             if t in planned:
                 gauged.append(t)
         else:
@@ -156,13 +188,14 @@ def plan(ctx: JobContext) -> Plan:
 
 
 def table_steps(ctx: JobContext, t: Table, out: Plan) -> None:
-    """The table's findings, errors and steps, in order: creates, then retirements."""
+    """The table's findings, errors and steps, in order: creates, retirements an earlier run left
+    half-done, then this run's retirements."""
     tz, p = ctx.timezone, t.policy
     findings, error = default_findings(t, tz)
     out.findings.extend(findings)
     if error:
         out.errors.append(error)
-    steps = create_steps(ctx, t)
+    steps = create_steps(ctx, t) + finish_steps(ctx, t)
     if p.retention is not None:
         if t.referenced:
             out.errors.append(ItemError(t.label, (
@@ -190,20 +223,43 @@ def _apply(ctx: JobContext, t: Table, step: DdlStep) -> JobOutput | None:
 
 
 def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | Plan) -> list[Sample]:
-    """premade / runway / default rows as they stand after this run (before it, in plan mode)."""
+    """premade / runway / default rows / targets as they stand after this run (before it, in plan
+    mode)."""
     labels = {"table": t.label}
+    p = t.policy
     integer = t.kind == "integer"
     at = t.base if integer else grid.now_key(ctx.now, t.kind, ctx.timezone)
     assert at is not None
     premade, reach = grid.runway(parts, at)
-    samples = [Sample("partition_premade", float(premade), labels)]
-    if not t.blocked:  # a default partition that could not be counted must not read as empty
+    want = p.runway_warn if p.runway_warn is not None else p.premake
+    premake = p.premake
+    if integer:
+        # Near the end of its type fewer partitions fit than premake asks: the targets are what fits.
+        assert t.key_type is not None and isinstance(p.interval, int)
+        room = len(grid.integer_slots(at, p.interval, p.premake, t.key_type)) - 1
+        premake, want = min(premake, room), min(want, room)
+    samples = [
+        Sample("partition_premade", float(premade), labels),
+        Sample("partition_premake_target", float(premake), labels),
+        Sample("partition_runway_warn", float(want), labels),
+    ]
+    if not (t.blocked or t.denied):  # a default partition that could not be counted must not read as empty
         samples.append(Sample("partition_default_rows", float(t.default_rows), labels))
-    if not integer:
-        samples.append(Sample("partition_runway_seconds", reach / grid.US, labels))
-    want = t.policy.runway_warn if t.policy.runway_warn is not None else t.policy.premake
+    runway: dict[str, Any] = {}
+    if integer:
+        assert t.key_type is not None
+        values = min(at + reach, grid.INTEGER_LIMITS[t.key_type][1] + 1) - at
+        samples.append(Sample("partition_runway_values", float(values), labels))
+        runway["runway_keys"] = values
+        if t.growth is not None:
+            runway["runway_seconds"] = values / t.growth if t.growth > 0 else math.inf
+            samples.append(Sample("partition_runway_seconds", runway["runway_seconds"], labels))
+    else:
+        runway["runway_seconds"] = reach / grid.US
+        samples.append(Sample("partition_runway_seconds", runway["runway_seconds"], labels))
+    if p.retention is not None or t.marked:
+        samples.append(Sample("partitions_detached", float(detached_after(t, t.steps)), labels))
     if premade < want:
-        runway = {"runway_keys": reach} if integer else {"runway_seconds": reach / grid.US}
         out.findings.append(Finding(
             "partition_runway_low", t.label, premade,
             f"{t.label}: only {premade} partitions are ready after the current one (want {want}); "

@@ -1,22 +1,23 @@
-"""The partitions job's catalog reads: every managed table's partitions and bounds in one query,
-then the set-based reads that need the tables themselves (integer max keys, default-partition
-counts) and free names for new partitions.
+"""The partitions job's catalog read: every managed table with its partitions, bounds, owner,
+grants, replica identity, pgupkeep's rights on it and the tables its retirements marked, in one
+statement (bounds deparsed again only where they changed since the last run); and its checks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
 
 from pgupkeep.db import EXCLUSIVE_LOCKS_CTE, read_past_exclusive_locks
 from pgupkeep.jobs.partitions import grid
 from pgupkeep.jobs.partitions.grid import Partition, Slot
-from pgupkeep.jobs.partitions.locks import Lock, read_failure
+from pgupkeep.jobs.partitions.locks import Lock
+from pgupkeep.jobs.partitions.privileges import Grant, Rights
 from pgupkeep.policy import PartitionTable
 from pgupkeep.units import QualifiedName
 
@@ -39,14 +40,32 @@ PART_DIGEST = """hash_record_extended(ROW(pc.relname, pn.nspname, i.inhdetachpen
 # (NULL: count it, or skip the table) where pg_locks shows an ACCESS EXCLUSIVE lock held or
 # queued: it would wait lock_timeout and fail the whole statement, every table's read with it.
 # Catalog reads take no relation locks.
+# What a new partition takes from its parent comes along: the owner, the table and column GRANTs
+# to other roles, the replica identity; and what pgupkeep's role may do (the owner's privileges,
+# becoming the owner ({may_set}: SET on 16+, membership before), CREATE in the schema, for it and
+# for the owner). So do the tables a retirement marked (see retirement.py), matched to their
+# parent by the name in the mark.
 TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
   -- Once for all tables: a correlated EXISTS per table made the planner's estimate large
   -- enough to switch on JIT compilation, which then cost more than the whole read.
   SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f'
+), marked AS (
+  SELECT substr(k.line, length(split_part(k.line, ':', 3)) + 18) AS parent,
+         json_agg(json_build_array(k.nspname, k.relname, split_part(k.line, ':', 3), k.relispartition)
+                  ORDER BY k.nspname, k.relname) AS rels
+  FROM (
+    SELECT split_part(d.description, E'\n', 1) AS line, kn.nspname, kc.relname, kc.relispartition
+    FROM pg_description d
+    JOIN pg_class kc ON kc.oid = d.objoid
+    JOIN pg_namespace kn ON kn.oid = kc.relnamespace
+    WHERE d.classoid = 'pg_class'::regclass AND d.objsubid = 0 AND d.description LIKE 'pgupkeep:retire:%%'
+  ) k
+  GROUP BY 1
 ), managed AS (
   SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
          a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
-         fk.confrelid IS NOT NULL AS referenced
+         fk.confrelid IS NOT NULL AS referenced, c.relowner, c.relnamespace, c.relacl, c.relreplident,
+         '"' || replace(m.nsp, '"', '""') || '"."' || replace(m.rel, '"', '""') || '"' AS quoted
   FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS m(nsp, rel, ord)
   LEFT JOIN pg_namespace n ON n.nspname = m.nsp
   LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = m.rel
@@ -55,6 +74,15 @@ TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS (
   LEFT JOIN pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
   LEFT JOIN referenced fk ON fk.confrelid = c.oid
+), rights AS (
+  -- Once per owner and schema, which a thousand tables mostly share.
+  SELECT o.relowner, o.relnamespace, pg_get_userbyid(o.relowner)::text AS owner,
+         pg_has_role(o.relowner, 'USAGE') AS usage, pg_has_role(o.relowner, 'MEMBER') AS member,
+         {may_set} AS may_set, has_schema_privilege(o.relnamespace, 'CREATE') AS may_create,
+         has_schema_privilege(o.relowner, o.relnamespace, 'CREATE') AS owner_may_create
+  FROM (SELECT DISTINCT relowner, relnamespace FROM managed WHERE relowner IS NOT NULL) o
+), me AS MATERIALIZED (
+  SELECT current_user::text AS role, current_setting('is_superuser') = 'on' AS superuser
 )
 SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts,
        mg.key_name, mg.key_type, mg.tablespace, mg.referenced, ml.granted, ml.pids, p.n, p.digest,
@@ -63,10 +91,28 @@ SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts
           FROM exclusive_locks l
           JOIN pg_inherits li ON li.inhrelid = l.relation AND li.inhparent = mg.parent_oid
           JOIN pg_class lc ON lc.oid = l.relation
-          JOIN pg_namespace ln ON ln.oid = lc.relnamespace) AS part_locks
+          JOIN pg_namespace ln ON ln.oid = lc.relnamespace) AS part_locks,
+       me.role, me.superuser, r.owner, r.usage, r.member, r.may_set, r.may_create, r.owner_may_create,
+       CASE WHEN mg.relacl IS NOT NULL THEN
+         (SELECT json_agg(json_build_array(CASE WHEN g.grantee <> 0 THEN pg_get_userbyid(g.grantee)::text END,
+                                           g.privilege_type, g.is_grantable, NULL))
+          FROM aclexplode(mg.relacl) g WHERE g.grantee <> mg.relowner) END AS grants,
+       (SELECT json_agg(json_build_array(CASE WHEN g.grantee <> 0 THEN pg_get_userbyid(g.grantee)::text END,
+                                         g.privilege_type, g.is_grantable, pa.attname) ORDER BY pa.attnum)
+          FROM pg_attribute pa, aclexplode(pa.attacl) g
+          WHERE pa.attrelid = mg.parent_oid AND pa.attnum > 0 AND NOT pa.attisdropped AND pa.attacl IS NOT NULL
+            AND g.grantee <> mg.relowner) AS column_grants,
+       mg.relreplident::text AS replident,
+       CASE WHEN mg.relreplident = 'i' THEN
+         (SELECT ic.relname FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid
+          WHERE x.indrelid = mg.parent_oid AND x.indisreplident) END AS replident_index,
+       mk.rels AS marked
 FROM managed mg
+CROSS JOIN me
+LEFT JOIN rights r ON r.relowner = mg.relowner AND r.relnamespace = mg.relnamespace
 LEFT JOIN exclusive_locks ml ON ml.relation = mg.parent_oid
 LEFT JOIN exclusive_locks dl ON dl.relation = mg.partdefid
+LEFT JOIN marked mk ON mk.parent = mg.quoted
 -- Table by table, so partitions are found by index rather than by hashing all of pg_class; not at
 -- all when nothing is known from an earlier run (every table's bounds are read then anyway).
 LEFT JOIN LATERAL (
@@ -78,6 +124,8 @@ LEFT JOIN LATERAL (
 ) p ON true
 ORDER BY mg.ord
 """
+MAY_SET_16 = "pg_has_role(o.relowner, 'SET')"
+MAY_SET_15 = "pg_has_role(o.relowner, 'MEMBER')"
 
 # The attached partitions of the given tables with their bounds, deparsed, cast back to the key's
 # type in the same session that printed them (so TimeZone and DateStyle round-trip) and returned
@@ -121,19 +169,21 @@ SELECT p.parent_oid, p.digest, p.part_schema, p.part_name, p.pending, p.is_defau
 FROM bounds p
 """
 
-NAMES_SQL = """
-SELECT n.nspname, c.relname
-FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
-JOIN pg_namespace n ON n.nspname = w.nsp
-JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
-"""
+@dataclass(frozen=True)
+class Marked:
+    """A table a retirement marked (see retirement.py): its name, the retention_action it was
+    retired by, and whether it is still a partition (attached, or pending detach)."""
 
-# Many tables' probes go in one statement, but each SELECT locks its tables until the statement
-# ends; chunks keep that lock count bounded.
-PROBE_CHUNK = 100
-# Errors that belong to one table's read (a lock that outlasted lock_timeout, a missing grant):
-# the chunk is read again table by table, so only that table fails.
-ITEM_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege)
+    schema: str
+    name: str
+    action: str
+    is_partition: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
 @dataclass
 class Table:
     """One managed table: its policy, what the catalog says, and what this run plans for it."""
@@ -152,19 +202,23 @@ class Table:
     default_bytes: int | None = 0  # None: not measured (locked), so it must be counted
     default_rows: int = 0
     base: int | None = None  # integer keys: the max key value (or a fallback)
+    growth: float | None = None  # integer keys: key values per second lately (None: not measured yet)
     slots: list[grid.SlotState] = field(default_factory=list)
     creates: list[Slot] = field(default_factory=list)
-    conflicts: dict[int, int] = field(default_factory=dict)  # slot.lo -> rows in the default
-    names: dict[int, str] = field(default_factory=dict)  # slot.lo -> new partition name
+    conflicts: dict[grid.Bound, int] = field(default_factory=dict)  # slot.lo -> rows in the default
+    names: dict[grid.Bound, str] = field(default_factory=dict)  # slot.lo -> new partition name
     locks: dict[str, Lock] = field(default_factory=dict)  # relation -> lock in the way of a read
     blocked: str | None = None  # why this run leaves the table alone (a lock in the way of a read)
     steps: list[DdlStep] = field(default_factory=list)  # this run's planned DDL, in order
+    rights: Rights = field(default_factory=Rights)  # the parent's owner, grants, identity; pgupkeep's rights
+    marked: list[Marked] = field(default_factory=list)  # tables a retirement of this parent marked
+    denied: str | None = None  # why pgupkeep may not change this table (a right or setting missing)
 
     @property
     def name(self) -> QualifiedName:
         return self.policy.table
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         return str(self.policy.table)
 
@@ -186,7 +240,8 @@ class Known:
 
 def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable], digests: bool) -> list[tuple[Any, ...]]:
     params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables], "digests": digests}
-    return read_past_exclusive_locks(lambda: conn.execute(TABLES_SQL, params).fetchall())
+    query = TABLES_SQL.replace("{may_set}", MAY_SET_16 if conn.info.server_version >= 160000 else MAY_SET_15)
+    return read_past_exclusive_locks(lambda: conn.execute(query, params).fetchall())
 
 
 def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[int, Known]:
@@ -226,7 +281,8 @@ def read_catalog(
     sizes: list[int | None] = [0] * len(out)
     for row in _table_rows(conn, tables, digests=bool(known)):
         (ord_, oid, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
-         count, digest, default_bytes, part_locks) = row
+         count, digest, default_bytes, part_locks, role, superuser, owner, usage, member, may_set, may_create,
+         owner_may_create, grants, column_grants, replident, replident_index, marked) = row
         t = out[ord_ - 1]
         t.found, t.relkind, t.strategy, t.key_columns = oid is not None, relkind, strat, natts
         t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
@@ -235,6 +291,13 @@ def read_catalog(
             t.locks[parent] = Lock(parent, t_granted, tuple(t_pids))
         for schema, name, granted, pids in part_locks or ():
             t.locks[f"{schema}.{name}"] = Lock(f"{schema}.{name}", granted, tuple(pids))
+        t.rights = Rights(
+            role, owner or "", superuser, bool(usage), bool(member), bool(may_set), bool(may_create),
+            bool(owner_may_create), [Grant(*g) for g in (grants or []) + (column_grants or [])],
+            replident or "d", replident_index,
+        )
+        if marked:
+            t.marked = [Marked(*m) for m in marked]
         if strat == "r" and natts == 1 and key_type is not None:
             current[oid] = (count, digest, key_type)
             oids[ord_ - 1], sizes[ord_ - 1] = oid, default_bytes
@@ -270,109 +333,3 @@ def validate(t: Table) -> str | None:
         return f"{name}: the partition key must be a single column (not an expression or several columns); remove it from the policy"
     mismatch = grid.key_mismatch(t.policy.interval, t.key_type or "")
     return f"{name}: {mismatch}" if mismatch else None
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _read_each(
-    conn: psycopg.Connection,
-    tables: Sequence[Table],
-    select: Callable[[int, Table], sql.Composed],
-    take: Callable[[Table, tuple[Any, ...]], None],
-) -> None:
-    """Run `select` for many tables a chunk at a time (rows start with the table's index in the
-    chunk); a table whose own read fails gets `blocked` and the others are read regardless."""
-    for chunk in _chunks(tables, PROBE_CHUNK):
-        try:
-            rows = conn.execute(sql.SQL(" UNION ALL ").join(select(i, t) for i, t in enumerate(chunk))).fetchall()
-        except ITEM_ERRORS:
-            rows = []
-            for i, t in enumerate(chunk):
-                try:
-                    rows.extend(conn.execute(select(i, t)).fetchall())
-                except ITEM_ERRORS as exc:
-                    t.blocked = read_failure(conn, t, exc)
-        for row in rows:
-            take(chunk[row[0]], row[1:])
-
-
-def read_integer_bases(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
-    """The current max key of each integer table (the default partition's rows left out: one stray
-    value there must not move the grid)."""
-
-    def select(i: int, t: Table) -> sql.Composed:
-        where = (
-            sql.SQL(" WHERE tableoid <> {}::regclass").format(
-                sql.Literal(sql.Identifier(t.default.schema, t.default.name).as_string(conn))
-            )
-            if t.default
-            else sql.SQL("")
-        )
-        return sql.SQL("SELECT {}::int AS i, (SELECT max({})::bigint FROM {}{})").format(
-            sql.Literal(i), sql.Identifier(t.key_name), sql.Identifier(*t.name.parts), where
-        )
-
-    def take(t: Table, row: tuple[Any, ...]) -> None:
-        finite = [p.lo for p in grid.attached(t.parts) if not math.isinf(p.lo)]
-        t.base = row[0] if row[0] is not None else (min(finite) if finite else 0)
-
-    _read_each(conn, tables, select, take)
-
-
-def _range_cond(t: Table, lo: int, hi: int) -> sql.Composed:
-    return sql.SQL("{k} >= {lo} AND {k} < {hi}").format(
-        k=sql.Identifier(t.key_name),
-        lo=sql.Literal(grid.key_to_python(lo, t.kind)),
-        hi=sql.Literal(grid.key_to_python(hi, t.kind)),
-    )
-
-
-def probe_defaults(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
-    """Exact row counts of default partitions, total and inside each range to create. A table
-    whose count could not be taken is `blocked`: nothing is created over rows not counted."""
-
-    def select(i: int, t: Table) -> sql.Composed:
-        assert t.default is not None
-        ranges = [sql.Literal(0)] + [
-            sql.SQL("count(*) FILTER (WHERE {})").format(_range_cond(t, s.lo, s.hi)) for s in t.creates
-        ]
-        return sql.SQL("SELECT {}::int, count(*), ARRAY[{}]::bigint[] FROM {}").format(
-            sql.Literal(i), sql.SQL(", ").join(ranges), sql.Identifier(t.default.schema, t.default.name)
-        )
-
-    def take(t: Table, row: tuple[Any, ...]) -> None:
-        total, counts = row
-        t.default_rows = total
-        t.conflicts = {s.lo: n for s, n in zip(t.creates, counts[1:], strict=True) if n}
-
-    _read_each(conn, tables, select, take)
-
-
-def assign_names(conn: psycopg.Connection, tables: Sequence[Table]) -> None:
-    """Spec names for new partitions, made unique against every relation in the schema."""
-    wanted = [(t, s) for t in tables for s in t.creates]
-    taken: set[tuple[str, str]] = set()
-    attempt: dict[tuple[int, int], int] = {}
-    pending = wanted
-    for _ in range(8):
-        if not pending:
-            return
-        candidates = {}
-        for t, s in pending:
-            n = attempt.get((id(t), s.lo), 1)
-            name = grid.partition_name(t.name.name, s.suffix if n == 1 else f"{s.suffix}_{n}")
-            candidates[(id(t), s.lo)] = (t, s, name)
-        keys = [(t.name.schema, name) for t, _, name in candidates.values()]
-        rows = conn.execute(NAMES_SQL, ([k[0] for k in keys], [k[1] for k in keys])).fetchall()
-        taken |= {(r[0], r[1]) for r in rows}
-        retry = []
-        for key, (t, s, name) in candidates.items():
-            if (t.name.schema, name) in taken:
-                attempt[key] = attempt.get(key, 1) + 1
-                retry.append((t, s))
-            else:
-                taken.add((t.name.schema, name))
-                t.names[s.lo] = name
-        pending = retry
-    raise RuntimeError("could not find free names for new partitions")  # pragma: no cover

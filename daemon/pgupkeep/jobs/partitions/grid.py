@@ -30,6 +30,9 @@ KEY_KINDS = {
     "int4": "integer",
     "int8": "integer",
 }
+# typname -> (min, max) of an integer key: no bound may lie outside them, so the slot that would
+# end past the max ends at MAXVALUE instead (and one that would start below the min at MINVALUE).
+INTEGER_LIMITS = {"int2": (-(2**15), 2**15 - 1), "int4": (-(2**31), 2**31 - 1), "int8": (-(2**63), 2**63 - 1)}
 MAX_NAME_BYTES = 63
 
 Bound = int | float  # float only for -inf / +inf (MINVALUE, MAXVALUE, infinity)
@@ -52,10 +55,11 @@ class Partition:
 
 @dataclass(frozen=True)
 class Slot:
-    """One range of the interval grid: [lo, hi) in the key domain, and its name suffix."""
+    """One range of the interval grid: [lo, hi) in the key domain, and its name suffix. Only an
+    integer key's slot at the end of its type has an infinite bound (MINVALUE, MAXVALUE)."""
 
-    lo: int
-    hi: int
+    lo: Bound
+    hi: Bound
     suffix: str
 
 
@@ -192,6 +196,16 @@ def suffix(start: datetime, interval: str) -> str:
     return f"{start.year:04d}"
 
 
+def covered(lo: Bound, hi: Bound, slots: Sequence[Slot]) -> bool:
+    """Whether [lo, hi) lies wholly inside the union of `slots`."""
+    reach = lo
+    for s in sorted(slots, key=lambda s: s.lo):
+        if s.lo > reach:
+            break
+        reach = max(reach, s.hi)
+    return reach >= hi
+
+
 def time_slots(now: datetime, interval: str, kind: str, tz: ZoneInfo, count: int) -> list[Slot]:
     """The current period's slot and `count` more after it, by the clock in `tz`."""
     return list(_time_slots(now, interval, kind, tz, count))
@@ -221,14 +235,25 @@ def _time_slots(now: datetime, interval: str, kind: str, tz: ZoneInfo, count: in
     )
 
 
-def integer_slots(base: int, width: int, count: int) -> list[Slot]:
-    """The slot holding `base` (the current max key) and `count` more after it."""
-    lo = base // width * width
+def integer_slots(base: int, width: int, count: int, key_type: str = "int8") -> list[Slot]:
+    """The slot holding `base` (the current max key) and `count` more after it, none past the end
+    of the key's type: the last one there ends at MAXVALUE, and fewer follow."""
+    low, high = INTEGER_LIMITS[key_type]
+    first = base // width * width
     out = []
     for i in range(count + 1):
-        start = lo + i * width
-        out.append(Slot(start, start + width, str(start).replace("-", "m")))
+        start = first + i * width
+        lo: Bound = start if start >= low else -math.inf
+        hi: Bound = start + width if start + width <= high else math.inf
+        out.append(Slot(lo, hi, str(start if start >= low else low).replace("-", "m")))
+        if hi == math.inf:
+            break
     return out
+
+
+def key_used_share(base: int, key_type: str) -> float:
+    """How much of an integer type's positive range the max key has used, 0-1."""
+    return max(base, 0) / INTEGER_LIMITS[key_type][1]
 
 
 def partition_name(parent: str, slot_suffix: str) -> str:
@@ -296,6 +321,22 @@ def runway(parts: Sequence[Partition], at: int) -> tuple[int, Bound]:
         end = by_lo[end].hi
         count += 1
     return count, end - at
+
+
+GROWTH_WINDOW = 3600.0  # seconds: an integer key's growth is measured over one to two of these
+
+
+def key_growth(anchors: Sequence[tuple[float, int]], now: float, base: int) -> tuple[float | None, list[tuple[float, int]]]:
+    """(key values per second since the older anchor or None, the anchors to keep): at most two
+    (time, max key) observations, a new one taken once the newer is GROWTH_WINDOW old, so the rate
+    spans one to two windows however often the job runs. A key that went back starts over."""
+    kept = list(anchors)
+    if kept and base < kept[-1][1]:
+        kept = []
+    rate = (base - kept[0][1]) / (now - kept[0][0]) if kept and now > kept[0][0] else None
+    if not kept or now - kept[-1][0] >= GROWTH_WINDOW:
+        kept = [*kept, (now, base)][-2:]
+    return rate, kept
 
 
 def time_cutoff(now: datetime, retention: Retention, kind: str, tz: ZoneInfo) -> int:
