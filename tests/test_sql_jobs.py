@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
-from daemon_helpers import REPO, Daemon, wait_until, write_policy
+from daemon_helpers import REPO, ActivitySampler, Daemon, wait_until, write_policy
 from pgupkeep import db
 from pgupkeep.jobs import sql as sql_kind
 from pgupkeep.jobs.base import JobContext
@@ -93,34 +92,25 @@ def app(database: str) -> Iterator[psycopg.Connection]:
         yield c
 
 
-class XactWatch:
-    """Samples pg_stat_activity every 10 ms: every transaction of pgupkeep's sessions running a
-    statement that starts with `prefix`, with the oldest age it was seen at."""
+class XactWatch(ActivitySampler):
+    """Every transaction of pgupkeep's sessions running a statement that starts with `prefix`, with
+    the oldest age it was seen at (sampled every 10 ms)."""
+
+    every = 0.01
 
     def __init__(self, dsn: str, prefix: str):
-        self.dsn, self.prefix = dsn, prefix
+        super().__init__(dsn)
+        self.prefix = prefix
         self.seen: dict[tuple[int, datetime], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> XactWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _loop(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as c:
-            while not self._stop.wait(0.01):
-                for pid, start, age in c.execute(
-                    "SELECT pid, xact_start, extract(epoch FROM clock_timestamp() - xact_start)::float8 "
-                    "FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'pgupkeep' "
-                    "AND xact_start IS NOT NULL AND query LIKE %s",
-                    (self.prefix + "%",),
-                ).fetchall():
-                    self.seen[(pid, start)] = max(age, self.seen.get((pid, start), 0.0))
+    def sample(self, conn: psycopg.Connection) -> None:
+        for pid, start, age in conn.execute(
+            "SELECT pid, xact_start, extract(epoch FROM clock_timestamp() - xact_start)::float8 "
+            "FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'pgupkeep' "
+            "AND xact_start IS NOT NULL AND query LIKE %s",
+            (self.prefix + "%",),
+        ).fetchall():
+            self.seen[(pid, start)] = max(age, self.seen.get((pid, start), 0.0))
 
 
 # --------------------------------------------------------------------------- reading the SQL (pure)
