@@ -1,7 +1,7 @@
 """Daemon footprint: RSS and CPU of an idle `pgupkeep run` with 10 and 100 targets (databases in
 one server), and start-up time to ready (/readyz answers 200).
 
-    /work/venv/bin/python bench/footprint.py [--targets 10 100] [--starts 5] [--idle 60]
+    python bench/footprint.py [--targets 10 100] [--starts 5] [--idle 60]
 
 Each target has the monitoring jobs on their usual schedules (long_running_queries every 30s,
 health every 1m, bloat every 1h), so "idle" is the daemon's routine: nothing to fix, jobs still

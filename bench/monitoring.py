@@ -4,10 +4,12 @@ collectors on (pg_stat_user_tables and pg_statio_user_tables from the package's 
 queries.yaml), on the same database, in one run. Then pgupkeep's /metrics scrape latency from a
 real daemon with 1,000 tables reported.
 
-    /work/venv/bin/python bench/monitoring.py [--tables 1000 10000] [--runs 7] [--scrapes 1000]
+    python bench/monitoring.py [--tables 1000 10000] [--runs 7] [--scrapes 1000] [--own-server BINDIR]
 
 pg_stat_statements must be preloaded for the database-time column: the script does it with
-ALTER SYSTEM + restart and restores the old setting at the end (--no-restore keeps it).
+ALTER SYSTEM + restart and restores the old setting at the end (--no-restore keeps it). With
+--own-server it starts a throwaway server from BINDIR with pg_stat_statements preloaded instead,
+and restarts nothing that others may be using.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import benchlib
 import psycopg
 import yaml
 from benchlib import (
@@ -177,7 +180,7 @@ def exporter_queries(path: Path) -> None:
 def exporter(db: str, workdir: Path) -> Iterator[subprocess.Popen]:
     queries = workdir / "queries.yaml"
     exporter_queries(queries)
-    env = dict(os.environ, DATA_SOURCE_NAME=f"postgresql://postgres@127.0.0.1:5432/{db}?sslmode=disable")
+    env = dict(os.environ, DATA_SOURCE_NAME=f"postgresql://postgres@{benchlib.HOST}:{benchlib.PORT}/{db}?sslmode=disable")
     with open(workdir / "exporter.log", "w") as log:
         proc = subprocess.Popen(
             [which(EXPORTER), f"--web.listen-address=127.0.0.1:{EXPORTER_PORT}", f"--extend.query-path={queries}", "--log.level=warn"],
@@ -242,8 +245,15 @@ def bench_pgupkeep(db: str, oid: int, runs: int) -> dict[str, float]:
     db_ms, calls = pgss_ms(db, oid)
     body = generate_latest(metrics.registry)
     cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / runs
+    # Each job's own share of the database time, one job at a time.
+    per_job = {}
+    for job in JOBS:
+        pgss_reset(db)
+        for _ in range(runs):
+            runner.run("bench", job)
+        per_job[job] = pgss_ms(db, oid)[0] / runs
     return {"wall": median(walls), "db_ms": db_ms / runs, "calls": calls / runs, "client_cpu": cpu,
-            "series": series(body), "bytes": len(body), "walls": walls}
+            "series": series(body), "bytes": len(body), "walls": walls, "per_job": per_job}
 
 
 def bench_scrapes(db: str, n: int, scrapes: int, workdir: Path) -> dict[str, float]:
@@ -289,11 +299,29 @@ def main() -> None:
     ap.add_argument("--scrapes", type=int, default=1000)
     ap.add_argument("--no-restore", action="store_true", help="leave pg_stat_statements preloaded")
     ap.add_argument("--no-pgss", action="store_true", help="no restart for pg_stat_statements; database time reads n/a")
+    ap.add_argument("--own-server", metavar="BINDIR", help="run on a throwaway server from these binaries")
     args = ap.parse_args()
     global PGSS
     PGSS = not args.no_pgss
     ensure_packages()
-    ensure_server()
+    own = None
+    if args.own_server:
+        from pgupkeep.pgserver import start_server
+
+        own = start_server(Path(args.own_server), settings={
+            "shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track_planning": "on",
+            "max_connections": "200"})  # fmt: skip
+        benchlib.PORT = own.port
+    else:
+        ensure_server()
+    try:
+        run(args)
+    finally:
+        if own is not None:
+            own.remove()
+
+
+def run(args: argparse.Namespace) -> None:
     cycle_rows, size_rows, scrape_rows = [], [], []
     with server_settings(preload_pgss=PGSS, restore=not args.no_restore):
         print_header("Monitoring: pgupkeep collection cycle vs postgres_exporter scrape")
@@ -313,10 +341,12 @@ def main() -> None:
                     "wall": median(pu1["walls"] + pu2["walls"]), "series": pu2["series"], "bytes": pu2["bytes"]}
                 print(f"  {n}: exporter walls {[round(x, 3) for x in ex1['walls'] + ex2['walls']]}", flush=True)
                 print(f"  {n}: pgupkeep walls {[round(x, 3) for x in pu1['walls'] + pu2['walls']]}", flush=True)
+                per_job = {j: (pu1["per_job"][j] + pu2["per_job"][j]) / 2 for j in JOBS}
                 cycle_rows += [
                     [f"{n} tables", "wall time (median)", fmt_s(ex["wall"]), fmt_s(pu["wall"]), ratio(pu["wall"], ex["wall"])],
                     [f"{n} tables", "database time (pg_stat_statements exec+plan)", f"{ex['db_ms']:.1f} ms", f"{pu['db_ms']:.1f} ms",
                      ratio(pu["db_ms"], ex["db_ms"])],
+                    *[[f"{n} tables", f"  of which {j} alone", "", f"{per_job[j]:.1f} ms", ""] for j in JOBS],
                     [f"{n} tables", "statements", f"{ex['calls']:.0f}", f"{pu['calls']:.0f}", ratio(pu["calls"], ex["calls"])],
                     [f"{n} tables", "client process CPU", fmt_s(ex["client_cpu"]), fmt_s(pu["client_cpu"]),
                      ratio(pu["client_cpu"], ex["client_cpu"])],

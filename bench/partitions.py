@@ -1,7 +1,7 @@
 """Partitions, side by side: pg_partman 4.7 (Debian's postgresql-15-partman) and pgupkeep on the
 same PostgreSQL, same database, identical sets of monthly tables (premake 3), one run.
 
-    /work/venv/bin/python bench/partitions.py [--tables 100 1000] [--runs 5] [--lock-tables 100]
+    python bench/partitions.py [--tables 100 1000] [--runs 5] [--lock-tables 100]
 
 Workloads, each a median of --runs runs, interleaved so both tools see the same machine load:
   steady  nothing to create: partman.run_maintenance() vs pgupkeep's partitions job (a runner that

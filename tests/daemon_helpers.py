@@ -250,3 +250,33 @@ def require_binary(name: str, package: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+class ActivitySampler:
+    """Samples pg_stat_activity on a session of its own every `every` seconds, on a thread, for as
+    long as the `with` block lasts: `sample(conn)` (a subclass's) records what it sees."""
+
+    every = 0.05
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ActivitySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def sample(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.wait(self.every):
+                self.sample(conn)

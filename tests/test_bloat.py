@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -9,19 +10,14 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgupkeep import db
 from pgupkeep.jobs import bloat
 from pgupkeep.jobs.base import JobContext
-from pgupkeep.jobs.bloat.estimate import (
-    Column,
-    Settings,
-    TableBloat,
-    TableRow,
-    autovacuum_threshold,
-    rank_key,
-    tuple_bytes,
-)
+from pgupkeep.jobs.bloat.catalog import Settings, TableRow
+from pgupkeep.jobs.bloat.estimate import TableBloat, autovacuum_threshold, rank_key
+from pgupkeep.jobs.bloat.layout import Column, heap_tuple
 from pgupkeep.policy import parse_policy
 from pgupkeep.results import Action, JobOutput
 from pgupkeep.runner import execute_job
@@ -38,12 +34,13 @@ def policy_yaml(extra: str) -> str:
         "  - name: t\n"
         '    dsn: "${DSN}"\n'
         "    lock_timeout: 3s\n"
-        "    bloat:\n"
-        "      min_table_size: 1MB\n" + lines
+        "    bloat:\n" + ("" if "min_table_size" in extra else "      min_table_size: 1MB\n") + lines
     )
 
 
-def run_job(dsn: str, extra: str = "exact_time_budget: 0s", *, apply: bool = True, standby: bool = False) -> JobOutput:
+def run_job(
+    dsn: str, extra: str = "exact_time_budget: 0s", *, apply: bool = True, standby: bool = False, now: datetime = NOW
+) -> JobOutput:
     policy = parse_policy(policy_yaml(extra), environ={"DSN": dsn})
     target = policy.targets[0]
     with db.connect(target) as c:
@@ -51,7 +48,7 @@ def run_job(dsn: str, extra: str = "exact_time_budget: 0s", *, apply: bool = Tru
             target=target,
             section=target.bloat,
             conn=c,
-            now=NOW,
+            now=now,
             timezone=policy.daemon.zone,
             apply=apply,
             standby=standby,
@@ -155,6 +152,8 @@ def test_half_deleted_table_is_flagged_near_truth_and_clean_table_is_not(fresh_d
         "over": f["over"],
         "vacuum": "off",
         "remedy": f["remedy"],
+        "heap": {"size_bytes": f["size_bytes"], "bloat_bytes": f["bloat_bytes"], "method": "estimate"},
+        "toast": {"size_bytes": 0, "bloat_bytes": 0, "method": "estimate"},
     }
     assert "dead_tuples" in f["over"]
     assert f["size_bytes"] > 2_000_000 and f["bloat_bytes"] == pytest.approx(f["size_bytes"] * f["bloat_ratio"], rel=0.01)
@@ -200,6 +199,131 @@ def test_pgstattuple_approx_refines_the_worst_tables_within_budget(fresh_databas
     g = findings_by_object(without)["public.eighty"]
     assert g["method"] == "estimate" and g["bloat_ratio"] == pytest.approx(truth, abs=0.12)
     assert sorted(f["over"]) == ["bloat", "dead_tuples"]
+
+
+def pgstattuple_wasted(dsn: str, relation: str) -> tuple[int, int]:
+    """(dead_tuple_len + free_space, table_len) by exact pgstattuple."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        row = c.execute("SELECT dead_tuple_len + free_space, table_len FROM pgstattuple(%s::regclass)", (relation,)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_toast_half_deleted_and_vacuumed_is_flagged_with_its_toast_waste(fresh_database: str):
+    dsn = fresh_database
+    # ~8 kB incompressible values stored out of line: a small heap, a large TOAST relation.
+    execute(
+        dsn,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text) WITH (autovacuum_enabled = off, toast.autovacuum_enabled = off)",
+        "ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL",
+        "INSERT INTO docs SELECT g, (SELECT string_agg(md5((g * 1000 + i)::text), '') FROM generate_series(1, 256) i) "
+        "FROM generate_series(1, 2500) g",
+    )
+    settle(dsn, "docs", 2500, 0)
+    execute(dsn, "ANALYZE docs")
+    execute(dsn, "DELETE FROM docs WHERE id % 2 = 0")
+    settle(dsn, "docs", 1250, 1250)
+    execute(dsn, "VACUUM docs")
+    settle(dsn, "docs", 1250, 0)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        toast = c.execute("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'docs'::regclass").fetchone()[0]
+    toast_truth, toast_len = pgstattuple_wasted(dsn, toast)
+    heap_truth, heap_len = pgstattuple_wasted(dsn, "docs")
+    assert toast_len > 50 * heap_len and toast_truth > 0.45 * toast_len  # the case of the issue, in small
+
+    measured = findings_by_object(run_job(dsn, "exact_time_budget: 10s\nmax_bloat_ratio: 0.3"))["public.docs"]
+    assert measured["toast"]["method"] == "pgstattuple_approx" and measured["method"] == "pgstattuple_approx"
+    assert measured["toast"]["size_bytes"] == toast_len and measured["heap"]["size_bytes"] == heap_len
+    assert measured["toast"]["bloat_bytes"] == pytest.approx(toast_truth, rel=0.05)
+    assert measured["size_bytes"] == heap_len + toast_len
+    assert measured["bloat_bytes"] == measured["heap"]["bloat_bytes"] + measured["toast"]["bloat_bytes"]
+    assert measured["bloat_ratio"] == pytest.approx((heap_truth + toast_truth) / (heap_len + toast_len), abs=0.05)
+    assert measured["over"] == ["bloat"] and f"TOAST {measured['toast']['bloat_bytes']} of {toast_len}" in measured["message"]
+
+    # Without pgstattuple: no freed chunk can have been reused (one VACUUM, no insert since), so
+    # the chunks ever written give their average size.
+    estimated = findings_by_object(run_job(dsn, "exact_time_budget: 0s\nmax_bloat_ratio: 0.3"))["public.docs"]
+    assert estimated["toast"]["method"] == "estimate"
+    assert estimated["toast"]["bloat_bytes"] == pytest.approx(toast_truth, rel=0.05)
+
+    # New values after that VACUUM may have filled freed chunks: then every live chunk counts as a
+    # full one, a lower bound.
+    execute(dsn, "INSERT INTO docs SELECT 5001, (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 256) i)")
+    settle(dsn, "docs", 1251, 0)
+    toast_truth, _ = pgstattuple_wasted(dsn, toast)
+    bound = findings_by_object(run_job(dsn, "exact_time_budget: 0s\nmax_bloat_ratio: 0.3"))["public.docs"]
+    assert 0.6 * toast_truth <= bound["toast"]["bloat_bytes"] < 0.95 * toast_truth
+
+
+@pytest.mark.slow
+def test_untouched_million_row_table_estimate_is_within_a_point_of_pgstattuple(fresh_database: str):
+    dsn = fresh_database
+    # Real-world shapes: a few statuses, amounts of varying width, mostly-null notes of 0-199 characters.
+    execute(
+        dsn,
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, status text, amount numeric(10, 2), "
+        "created_at timestamptz, note text, paid bool) WITH (autovacuum_enabled = off)",
+        "INSERT INTO orders SELECT g, hashint4(g) % 50000, (ARRAY['new', 'paid', 'shipped', 'cancelled'])[1 + g % 4], "
+        "abs(hashint4(g + 1)) % 100000 / 100.0, '2026-01-01'::timestamptz + g * interval '1 s', "
+        "CASE WHEN hashint4(g + 2) % 10 < 7 THEN NULL ELSE repeat('n', abs(hashint4(g + 3)) % 200) END, g % 3 = 0 "
+        "FROM generate_series(1, 1000000) g",
+    )
+    settle(dsn, "orders", 1_000_000, 0)
+    execute(dsn, "ANALYZE orders")
+    truth, size = pgstattuple_wasted(dsn, "orders")
+
+    out = run_job(dsn, "exact_time_budget: 0s\nmin_table_size: 0\nreport_top: 10")
+
+    ratio = series(out, "table_bloat_ratio")["public.orders"]
+    assert ratio == pytest.approx(truth / size, abs=0.01)
+    assert findings_by_object(out) == {}
+
+
+def test_fillfactor_reserve_is_not_bloat(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "sparse", options="fillfactor = 10")
+    truth, size = pgstattuple_wasted(dsn, "sparse")
+    assert truth > 0.85 * size  # pgstattuple counts the reserve as free space ...
+
+    for budget in ("0s", "10s"):
+        out = run_job(dsn, f"exact_time_budget: {budget}")
+        assert findings_by_object(out) == {}  # ... pgupkeep does not: fillfactor keeps it on purpose
+        assert series(out, "table_bloat_ratio")["public.sparse"] < 0.05
+
+
+def test_without_the_right_to_pgstattuple_the_job_says_so_once(fresh_database: str, pg_server):
+    dsn = fresh_database
+    make_table(dsn, "half", delete_every=2)
+    make_table(dsn, "third", delete_every=3)
+    role = f"bloat_nogrant_{secrets.token_hex(3)}"
+    execute(dsn, "CREATE EXTENSION IF NOT EXISTS pgstattuple", f"CREATE ROLE {role} LOGIN", f"GRANT SELECT ON half, third TO {role}")
+    params = conninfo_to_dict(dsn)
+    params["user"] = role
+    try:
+        out = run_job(make_conninfo(**params), "exact_time_budget: 10s")
+    finally:
+        execute(dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+    denied = [f.to_dict() for f in out.findings if f.kind == "insufficient_privilege"]
+    grant = f'GRANT pg_stat_scan_tables TO "{role}"'
+    assert denied == [{
+        "kind": "insufficient_privilege", "object": "pgstattuple", "value": None, "message": denied[0]["message"],
+        "extension": "pgstattuple", "functions": ["pgstatindex", "pgstattuple_approx"], "grant": grant,
+    }]  # fmt: skip
+    assert denied[0]["message"].endswith(grant) and "estimates only" in denied[0]["message"]
+    assert {o: f["method"] for o, f in findings_by_object(out).items()} == {"public.half": "estimate", "public.third": "estimate"}
+    assert out.errors == []
+
+
+def test_without_pgstattuple_installed_the_job_says_so(fresh_database: str):
+    dsn = fresh_database
+    make_table(dsn, "half", delete_every=2)
+    out = run_job(dsn, "exact_time_budget: 10s")
+    missing = [(f.kind, f.object, f.detail["remedy"]) for f in out.findings if f.kind == "extension_missing"]
+    assert missing == [("extension_missing", "pgstattuple", "CREATE EXTENSION pgstattuple")]
+    assert findings_by_object(out)["public.half"]["method"] == "estimate"
+    assert not [f for f in run_job(dsn, "exact_time_budget: 0s").findings if f.kind == "extension_missing"]
 
 
 # --------------------------------------------------------------------------- VACUUM
@@ -261,8 +385,12 @@ def locked_table(fresh_database: str) -> Iterator[tuple[str, int]]:
 def test_table_locked_access_exclusive_is_skipped_without_waiting(locked_table: tuple[str, int]):
     dsn, pid = locked_table
     started = time.monotonic()
-    out = run_job(dsn, "exact_time_budget: 10s\nvacuum: true")
+    out = run_job(dsn, "exact_time_budget: 10s\nvacuum: true\nmin_index_size: 100kB")
     assert time.monotonic() - started < 2.5  # lock_timeout is 3s: nothing waited for it
+    assert [(f.object, f.detail["lock"], f.detail["blocking_pids"]) for f in out.findings if f.kind == "index_skipped_locked"] == [
+        ("public.busy_pkey", "held", [pid])
+    ]
+    assert "public.free_pkey" in {s.labels.get("index") for s in out.samples}  # the other table's index is measured
 
     skipped = [f.to_dict() for f in out.findings if f.kind == "table_skipped_locked"]
     assert skipped == [
@@ -376,12 +504,28 @@ def test_autovacuum_threshold_follows_reloptions_over_server_settings():
     assert autovacuum_threshold(_row(reltuples=-1.0), s) == (50.0, True)  # never vacuumed (14+)
 
 
-def test_tuple_layout_pads_fixed_columns_and_not_short_varlenas():
+def test_tuple_layout_averages_each_rows_padding():
+    def per_row(*columns: Column, natts: int = 2) -> float:
+        layout = heap_tuple(columns, natts)
+        assert layout is not None
+        return layout[0]
+
     # int4 then int8: 4 bytes of padding before the int8; header 24; data 16 -> 40 + line pointer.
-    assert tuple_bytes((Column(4, "i", 4, 0.0), Column(8, "d", 8, 0.0)), 2) == 44
-    # int4 then a short text of 33 bytes: no padding -> 24 + 37 = 61 -> MAXALIGN 64 + 4.
-    assert tuple_bytes((Column(4, "i", 4, 0.0), Column(-1, "i", 33, 0.0)), 2) == 68
-    assert tuple_bytes((Column(4, "i", 4, 0.0), Column(-1, "i", None, None)), 2) is None
+    assert per_row(Column(4, "i", 4, 0.0), Column(8, "d", 8, 0.0)) == 44
+    # int4 then a text always 33 bytes stored: no padding (1-byte header) -> 24 + 37 = 61 -> 64 + 4.
+    assert per_row(Column(4, "i", 4, 0.0), Column(-1, "i", 33, 0.0, ((33, 1.0),))) == 68
+    # Half the texts 30 bytes, half 36: rows of 58 and 64 bytes take 64 each, not MAXALIGN(61) = 64 ...
+    assert per_row(Column(4, "i", 4, 0.0), Column(-1, "i", 33, 0.0, ((30, 0.5), (36, 0.5)))) == 68
+    # ... but 33 and 39 take 64 and 72: the average row (64.5 raw) is 68 + 4, not MAXALIGN(64.5) + 4 = 76.
+    assert per_row(Column(4, "i", 4, 0.0), Column(-1, "i", 36, 0.0, ((33, 0.5), (39, 0.5)))) == 72
+    # Widths unknown (not a string type): every residue equally likely, 3.5 bytes of padding on average.
+    assert per_row(Column(4, "i", 4, 0.0), Column(-1, "i", 33, 0.0)) == pytest.approx(24 + 37 + 3.5 + 4)
+    # A null takes no space (28 -> 32 bytes, against 40); the bitmap fits the 24-byte header up to 8 columns.
+    assert per_row(Column(4, "i", 4, 0.0), Column(8, "d", 8, 0.5)) == pytest.approx(0.5 * 32 + 0.5 * 40 + 4)
+    nine = [Column(4, "i", 4, 0.0)] * 8 + [Column(4, "i", 4, 0.5)]
+    # 9 columns: rows with the null have a 32-byte header and 32 bytes of data, the others 24 + 36 -> 64.
+    assert heap_tuple(nine, 9)[0] == pytest.approx(0.5 * (32 + 32) + 0.5 * 64 + 4)
+    assert heap_tuple((Column(4, "i", 4, 0.0), Column(-1, "i", None, None)), 2) is None
 
 
 def test_ranking_ignores_small_drift_and_breaks_ties_by_name():

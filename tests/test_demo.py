@@ -194,6 +194,7 @@ EXPECTED = {
     "backend_signalled",
     "bloated_table",
     "table_vacuumed",
+    "unindexed_foreign_key",
 }
 
 
@@ -266,6 +267,10 @@ def test_demo_shows_every_job_then_stops_on_ctrl_c_and_leaves_nothing() -> None:
         bloated = _by_event(events, "bloated_table")[0]
         assert bloated["object"] == "public.audit_log" and bloated["dead_tuples"] >= 25_000
         assert [e["object"] for e in _by_event(events, "table_vacuumed")] == ["public.audit_log"]
+        fk = _by_event(events, "unindexed_foreign_key")[0]
+        assert fk["object"] == "public.orders(customer_id)" and fk["sql"] == [
+            "CREATE INDEX CONCURRENTLY orders_customer_id_idx ON public.orders (customer_id)"
+        ]
 
         # A job run can finish its log lines before its metrics; give the scrape a moment.
         metrics = _wait_for_metrics(started["metrics_url"])
@@ -297,6 +302,8 @@ def test_demo_shows_every_job_then_stops_on_ctrl_c_and_leaves_nothing() -> None:
         assert value("pgupkeep_backend_signals_total", action="terminate", dry_run="false") == 1
         assert value("pgupkeep_tables_vacuumed_total") == 1
         assert value("pgupkeep_database_size_bytes") > 0
+        assert value("pgupkeep_table_size_bytes", table="public.orders", part="heap") > 0
+        assert value("pgupkeep_statement_stats_available") == 1
         assert ("pgupkeep_build_info", frozenset({("version", _version())})) in metrics
 
         d.proc.send_signal(signal.SIGINT)
@@ -497,6 +504,7 @@ def test_demo_policy_is_valid_and_runs_every_job_on_seconds() -> None:
         "long_running_queries",
         "bloat",
         "health",
+        "query_insights",
     )
     assert max(job.schedule.period().total_seconds() for job in planned_jobs(policy)) <= 10
     lrq = target.long_running_queries

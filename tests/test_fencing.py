@@ -8,14 +8,13 @@ stopped run is `cancelled`, never an error.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from daemon_helpers import Daemon, wait_until, write_policy
+from daemon_helpers import ActivitySampler, Daemon, wait_until, write_policy
 from pgupkeep.db.lease import lease_key
 
 VIEWS = ("v1", "v2", "v3", "v4")
@@ -41,37 +40,28 @@ def _section() -> dict:
     return {"schedule": "every 1h", "views": [{"view": f"public.{v}", "concurrently": "never"} for v in VIEWS]}
 
 
-def _refreshes(dsn: str) -> list[tuple[int, str, float]]:
+def _refreshes(conn_or_dsn: psycopg.Connection | str) -> list[tuple[int, str, float]]:
     """REFRESH statements running now: (pid, view, query_start as server epoch)."""
-    with psycopg.connect(dsn, autocommit=True) as c:
-        rows = c.execute(
-            "SELECT pid, query, extract(epoch FROM query_start)::float8 FROM pg_stat_activity "
-            "WHERE datname = current_database() AND state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%%'"
-        ).fetchall()
+    if isinstance(conn_or_dsn, str):
+        with psycopg.connect(conn_or_dsn, autocommit=True) as c:
+            return _refreshes(c)
+    rows = conn_or_dsn.execute(
+        "SELECT pid, query, extract(epoch FROM query_start)::float8 FROM pg_stat_activity "
+        "WHERE datname = current_database() AND state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%%'"
+    ).fetchall()
     return [(pid, query.split()[-1].strip('"').split('"."')[-1].strip('";'), start) for pid, query, start in rows]
 
 
-class Watcher:
-    """Samples pg_stat_activity every 50 ms and keeps every REFRESH it saw start."""
+class Watcher(ActivitySampler):
+    """Every REFRESH it saw start (sampled every 50 ms)."""
 
     def __init__(self, dsn: str):
-        self.dsn = dsn
+        super().__init__(dsn)
         self.seen: dict[tuple[int, float], str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            for pid, view, start in _refreshes(self.dsn):
-                self.seen.setdefault((pid, start), view)
+    def sample(self, conn: psycopg.Connection) -> None:
+        for pid, view, start in _refreshes(conn):
+            self.seen.setdefault((pid, start), view)
 
     def started_after(self, epoch: float) -> list[str]:
         return sorted(view for (_, start), view in self.seen.items() if start > epoch)

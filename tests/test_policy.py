@@ -35,7 +35,13 @@ def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
 def test_example_policy_is_valid_and_covers_every_section():
     policy = load_policy(REPO / "config" / "policy.yaml", environ={})
     shop = policy.target("shop")
-    assert shop.job_kinds() == ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+    assert shop.job_kinds() == (
+        "partitions", "materialized_views", "long_running_queries", "bloat", "health", "query_insights", "sql",
+    )  # fmt: skip
+    assert [(j.name, str(j.schedule), j.transaction) for j in shop.sql.jobs] == [
+        ("purge_sessions", "*/10 * * * *", True), ("analyze_events", "@daily", True), ("vacuum_events", "30 3 * * 0", False),
+    ]  # fmt: skip
+    assert policy.daemon.history is not None and str(policy.daemon.history.table) == "pgupkeep.job_runs"
     assert shop.partitions.tables[0].table == QualifiedName("public", "orders")
     assert shop.partitions.tables[0].retention == Retention(months=24, text="24 months")
     assert shop.partitions.tables[1].interval == 1_000_000

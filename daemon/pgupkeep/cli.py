@@ -224,6 +224,7 @@ def cmd_jobs(
     config: str, command: str, targets: list[str] | None, jobs: list[str] | None, as_json: bool
 ) -> int:
     from pgupkeep import db, logs
+    from pgupkeep.history import History
     from pgupkeep.jobs import REGISTRY
     from pgupkeep.runner import Runner
 
@@ -260,7 +261,8 @@ def cmd_jobs(
     leases = db.Leases() if apply else None
     if leases is not None:
         leases.set_homes(homes)
-    runner = Runner(policy, sinks=[logs.log_result], leases=leases)
+    history = History(policy.daemon.history).start() if apply and policy.daemon.history else None
+    runner = Runner(policy, sinks=[logs.log_result, *([history.record] if history else [])], leases=leases)
     work = [
         (t.name, kind)
         for t in policy.targets
@@ -274,6 +276,8 @@ def cmd_jobs(
     finally:
         if leases is not None:
             leases.release_all()
+        if history is not None:
+            history.close()
     for result in results:
         if as_json:
             print(json.dumps(result.to_dict(), default=str), flush=True)
@@ -305,6 +309,10 @@ def _print_human(result) -> None:
         print(f"  {state} {action.action} {action.object}")
         for line in action.sql.splitlines():
             print(f"      {line}")
+        if action.detail.get("explain"):  # `explain: true` of a sql statement
+            print("    plan:")
+            for line in action.detail["explain"]:
+                print(f"      {line}")
     for finding in result.findings:
         text = finding.message or f"{finding.object} = {finding.value}"
         print(f"  finding {finding.kind}: {text}")

@@ -1,7 +1,7 @@
 """The demo's seed: a database with work for every job, and the application sessions it runs.
 
 A monthly-partitioned table with a default partition, two dependent materialized views, a table
-with heavy deletes, and two sessions of an ordinary role: one idle in transaction, one in a long
+with heavy deletes, a foreign key without an index, and two sessions of an ordinary role: one idle in transaction, one in a long
 query.
 """
 
@@ -66,6 +66,16 @@ VIEWS_AND_BLOAT_SQL = (
         SELECT i, 'user_' || (i % 97), repeat(md5(i::text), 3) FROM generate_series(1, {AUDIT_ROWS}) AS i""",
     "DELETE FROM public.audit_log WHERE id % 5 < 3",
     "ANALYZE public.audit_log",
+    # A foreign key without an index on its column: query_insights names the index to create.
+    "CREATE TABLE public.customers (id bigint PRIMARY KEY, name text NOT NULL)",
+    "INSERT INTO public.customers SELECT i, 'customer ' || i FROM generate_series(1, 1000) AS i",
+    """CREATE TABLE public.orders (
+         id bigint PRIMARY KEY,
+         customer_id bigint NOT NULL REFERENCES public.customers,
+         total numeric(12, 2) NOT NULL
+       )""",
+    "INSERT INTO public.orders SELECT i, 1 + i % 1000, i % 500 FROM generate_series(1, 20000) AS i",
+    "ANALYZE public.customers, public.orders",
     f"GRANT SELECT ON public.events, public.audit_log TO {APP_ROLE}",
 )
 INSERT_EVENTS_SQL = f"""

@@ -24,6 +24,9 @@ _ACTION_EVENTS = {
     "cancel_backend": "backend_signalled",
     "terminate_backend": "backend_signalled",
     "vacuum_table": "table_vacuumed",
+    "reindex_index": "index_reindexed",
+    "drop_invalid_index": "invalid_index_dropped",
+    "run_sql": "sql_run",
     "finish_retirement": "retirement_finished",
 }
 _FINDING_EVENTS = {
@@ -50,6 +53,13 @@ _FINDING_EVENTS = {
     "prepared_transaction_old": ("prepared_transaction_old", "warning"),
     "table_freeze_age": ("table_freeze_age", "warning"),
     "autovacuum_lagging": ("autovacuum_lagging", "warning"),
+    "slow_statement": ("slow_statement", "warning"),
+    "n_plus_one_statement": ("n_plus_one_statement", "info"),
+    "unindexed_foreign_key": ("unindexed_foreign_key", "info"),
+    "bloated_index": ("bloated_index", "warning"),
+    "index_skipped_locked": ("index_skipped_locked", "info"),
+    "insufficient_privilege": ("insufficient_privilege", "warning"),
+    "extension_missing": ("extension_missing", "info"),
     "partition_key_exhausting": ("partition_key_exhausting", "warning"),
 }
 

@@ -58,6 +58,9 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "table_dead_tuple_ratio": (("table",), "Dead tuples / all tuples, 0-1 (worst report_top tables)."),
     "table_bloat_ratio": (("table",), "Estimated wasted share of the table, 0-1."),
     "table_bloat_bytes": (("table",), "Estimated wasted bytes."),
+    "bloated_indexes": ((), "B-tree indexes over max_index_bloat_ratio."),
+    "index_bloat_ratio": (("index",), "Wasted share of a B-tree index, 0-1 (worst report_top indexes)."),
+    "index_bloat_bytes": (("index",), "Wasted bytes of a B-tree index (what a REINDEX would give back)."),
     "database_xid_age": ((), "age(datfrozenxid) of the database, in transactions."),
     "invalid_indexes": ((), "Invalid indexes."),
     "unused_indexes": ((), "Unused indexes over the size threshold."),
@@ -71,6 +74,20 @@ SAMPLE_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "xmin_horizon_age": (("holder_kind",), "Age in transactions of the oldest xmin holder of each kind (0: none)."),
     "table_freeze_age": (("table",), "age(relfrozenxid) of the worst report_top tables by share of their freeze max age."),
     "health_findings": (("kind", "server"), "Findings of each kind in the last health run (alerts read these: the thresholds are the policy's)."),
+    "statement_stats_available": ((), "1 if pg_stat_statements could be read in the target database."),
+    "slow_statements": ((), "Statements over slow_mean_after in the last interval."),
+    "n_plus_one_statements": ((), "N+1-shaped statements in the last interval."),
+    "top_statement_seconds": (("queryid",), "Execution time in the last interval (top report_top statements)."),
+    "unindexed_foreign_keys": ((), "Foreign keys without an index on their referencing columns."),
+    "table_size_bytes": (("table", "part"), "Size of the largest tables (partitions rolled up); part = heap, indexes, toast."),
+    "sql_last_success_timestamp_seconds": (("name",), "Unix time a named statement last ran to the end without error."),
+    "sql_last_duration_seconds": (("name",), "Duration of a named statement's last successful run (all its batches)."),
+    "sql_period_seconds": (("name",), "Longest time between two scheduled runs of a named statement."),
+}
+# Counters a job moves through samples: the sample's value is the increase since its last run.
+SAMPLE_COUNTERS: dict[str, str] = {
+    "statement_time_seconds_total": "Execution time of top-level statements (pg_stat_statements deltas).",
+    "statement_calls_total": "Calls of top-level statements (pg_stat_statements deltas).",
 }
 
 
@@ -178,6 +195,7 @@ class Metrics:
             ["target", "action", "dry_run"], registry=r,
         )  # fmt: skip
         self.tables_vacuumed = Counter(p + "tables_vacuumed_total", "Tables vacuumed.", ["target"], registry=r)
+        self.indexes_reindexed = Counter(p + "indexes_reindexed_total", "Indexes rebuilt (REINDEX INDEX CONCURRENTLY).", ["target"], registry=r)
         self.lease_changes = Counter(
             p + "lease_changes_total", "Lease changes of this replica: acquired, lost, released.",
             ["target", "change"], registry=r,
@@ -186,6 +204,25 @@ class Metrics:
             p + "job_missed_total", "Runs not started because the scheduler was late past misfire_grace.",
             ["target", "job"], registry=r,
         )  # fmt: skip
+        self.sql_rows = Counter(
+            p + "sql_rows_total", "Rows affected by named statements (every batch that committed).",
+            ["target", "name"], registry=r,
+        )  # fmt: skip
+        self.history_write_failures = Counter(
+            p + "history_write_failures_total",
+            "Failed attempts to write the run history: unavailable (its database did not answer; the "
+            "rows wait and are retried) or rejected (it refused the rows).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.history_rows_dropped = Counter(
+            p + "history_rows_dropped_total",
+            "Job runs that will not be in the run history: queue_full, rejected, shutdown.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.sample_counters: dict[str, Counter] = {
+            name: Counter(p + name.removesuffix("_total"), help_, ["target"], registry=r)
+            for name, help_ in SAMPLE_COUNTERS.items()
+        }
         self.last = LastResults()
         r.register(self.last)
         self.states = TargetStates()
@@ -275,6 +312,16 @@ class Metrics:
             self.job_missed.labels(target, job).inc()
             self._changed()
 
+    def history_write_failed(self, reason: str, attempts: int = 1) -> None:
+        with self._lock:
+            self.history_write_failures.labels(reason).inc(attempts)
+            self._changed()
+
+    def history_rows_dropped(self, reason: str, rows: int) -> None:
+        with self._lock:
+            self.history_rows_dropped.labels(reason).inc(rows)
+            self._changed()
+
     def forget_target(self, target: str) -> None:
         """Remove every series of a target that left the policy."""
         with self._lock:
@@ -296,8 +343,8 @@ class Metrics:
         return [
             self.target_up, self.target_leader, self.job_runs, self.job_duration, self.job_last_success,
             self.job_overruns, self.partitions_created, self.partitions_retired, self.lock_timeouts,
-            self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.lease_changes,
-            self.job_missed,
+            self.matview_refreshes, self.backend_signals, self.tables_vacuumed, self.indexes_reindexed,
+            self.lease_changes, self.job_missed, self.sql_rows, *self.sample_counters.values(),
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ results
@@ -329,6 +376,10 @@ class Metrics:
             for finding in result.findings:
                 if finding.kind == "lock_timeout":
                     self.lock_timeouts.labels(t, job).inc()
+            for sample in result.samples:
+                counter = self.sample_counters.get(sample.metric)
+                if counter is not None and sample.value >= 0:
+                    counter.labels(t).inc(sample.value)
             if result.target_up is not False:
                 # A run that reached the database measured: its samples are the gauges now. One
                 # that could not connect measured nothing and leaves them (target_up says why).
@@ -353,6 +404,11 @@ class Metrics:
                 self.backend_signals.labels(t, kind.split("_")[0], "true" if dry else "false").inc()
         elif kind == "vacuum_table" and applied:
             self.tables_vacuumed.labels(t).inc()
+        elif kind == "reindex_index" and applied:
+            self.indexes_reindexed.labels(t).inc()
+        elif kind == "run_sql" and "batches" in detail:  # a run that began (not a plan's action)
+            rows = detail.get("rows")
+            self.sql_rows.labels(t, str(detail.get("name", ""))).inc(rows if isinstance(rows, int) and rows > 0 else 0)
 
 
 def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
@@ -367,6 +423,7 @@ def _label_sets(metric: MetricWrapperBase) -> list[dict[str, str]]:
 
 METRIC_NAMES = frozenset(
     {f"pgupkeep_{n}" for n in SAMPLE_GAUGES}
+    | {f"pgupkeep_{n}" for n in SAMPLE_COUNTERS}
     | {
         "pgupkeep_build_info",
         "pgupkeep_policy_last_reload_successful",
@@ -383,9 +440,13 @@ METRIC_NAMES = frozenset(
         "pgupkeep_matview_refreshes_total",
         "pgupkeep_backend_signals_total",
         "pgupkeep_tables_vacuumed_total",
+        "pgupkeep_indexes_reindexed_total",
         "pgupkeep_lease_changes_total",
         "pgupkeep_job_missed_total",
         "pgupkeep_targets",
+        "pgupkeep_sql_rows_total",
+        "pgupkeep_history_write_failures_total",
+        "pgupkeep_history_rows_dropped_total",
     }
 )
 # The standard process_* families of prometheus_client's ProcessCollector (Linux).

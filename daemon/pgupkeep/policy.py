@@ -24,12 +24,16 @@ from pgupkeep.policy_model import (
     BloatSection,
     DaemonPolicy,
     HealthSection,
+    HistoryPolicy,
     LongRunningQueriesSection,
     MaterializedViewsSection,
     PartitionsSection,
     PartitionTable,
     Policy,
+    QueryInsightsSection,
     SessionSettings,
+    SqlJob,
+    SqlSection,
     Target,
     ViewPolicy,
 )
@@ -41,6 +45,7 @@ __all__ = [
     "BloatSection",
     "DaemonPolicy",
     "HealthSection",
+    "HistoryPolicy",
     "LongRunningQueriesSection",
     "MaterializedViewsSection",
     "PartitionTable",
@@ -48,7 +53,10 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Problem",
+    "QueryInsightsSection",
     "SessionSettings",
+    "SqlJob",
+    "SqlSection",
     "Target",
     "ViewPolicy",
     "load_policy",
@@ -150,12 +158,36 @@ class _Reader:
         self.file = file
         self.environ = environ
         self.marks: dict[Path_, tuple[int, int]] = {}
+        self.scalars: dict[Path_, yaml.ScalarNode] = {}  # to point inside a value (a SQL text)
         self.problems: list[Problem] = []
         self.budget = self.budget_total = ALIAS_BUDGET  # nodes the build may visit (see ALIAS_BUDGET)
 
-    def problem(self, path: Path_, message: str) -> None:
-        line, col = self.where(path)
+    def problem(self, path: Path_, message: str, at: tuple[int, int] | None = None) -> None:
+        line, col = at or self.where(path)
         self.problems.append(Problem(self.file, line, col, _format_path(path), message))
+
+    def inside(self, path: Path_, line: int, column: int) -> tuple[int, int] | None:
+        """The file position of (line, column) of a string value, where the value stands in the
+        file as written (a plain or quoted one-liner without escapes, or a literal block)."""
+        node = self.scalars.get(path)
+        if node is None or node.start_mark.buffer is None:
+            return None
+        source, value = node.start_mark.buffer, str(node.value)
+        start, end = node.start_mark, node.end_mark
+        if node.style in (None, "'", '"') and start.line == end.line and line == 1:
+            quote = 0 if node.style is None else 1
+            if source[start.index + quote : end.index - quote] == value:
+                return start.line + 1, start.column + quote + column
+            return None
+        if node.style == "|":
+            lines = source[start.index : end.index].split("\n")[1:]  # after the `|` indicator line
+            if line > len(lines):
+                return None
+            wanted = value.split("\n")[line - 1]
+            indent = len(lines[line - 1]) - len(wanted)
+            if indent >= 0 and lines[line - 1][indent:] == wanted:
+                return start.line + 1 + line, indent + column
+        return None
 
     def where(self, path: Path_) -> tuple[int, int]:
         while path not in self.marks and path:
@@ -180,6 +212,8 @@ class _Reader:
         if self.budget < 0:
             raise _AliasBomb(node, path, False)
         self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.ScalarNode):
+            self.scalars[path] = node
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -326,6 +360,13 @@ def _cross_checks(raw: dict[str, Any], reader: _Reader) -> None:
                         ("targets", i, "materialized_views", "views", j, "view"), f"duplicate view {qn} (also views[{views[qn]}])"
                     )
                 views.setdefault(qn, j)
+        names: dict[Any, int] = {}
+        for j, job in _items(target, "sql", "jobs"):
+            name = job.get("name") if isinstance(job, dict) else None
+            if isinstance(name, str):
+                if name in names:
+                    reader.problem(("targets", i, "sql", "jobs", j, "name"), f"duplicate name {name!r} (also jobs[{names[name]}])")
+                names.setdefault(name, j)
         lrq = target.get("long_running_queries")
         if isinstance(lrq, dict) and lrq.get("cancel_after") is not None and lrq.get("terminate_after") is not None:
             cancel, terminate = _try(parse_duration, lrq["cancel_after"]), _try(parse_duration, lrq["terminate_after"])
@@ -392,7 +433,9 @@ def parse_policy(text: str, file: str = "<policy>", environ: Mapping[str, str] |
         for error in exc.errors():
             path = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
             if _format_path(path) not in expanded:  # an unset ${VAR} already said why
-                reader.problem(path, _message(error, path))
+                ctx = error.get("ctx") or {}
+                at = reader.inside(path, ctx["line"], ctx["column"]) if error["type"] == "sql_text" else None
+                reader.problem(path, _message(error, path), at)
     _cross_checks(raw, reader)
     if reader.problems:
         unique = list(dict.fromkeys(reader.problems))

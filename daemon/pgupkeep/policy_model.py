@@ -7,7 +7,16 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
 
 from pgupkeep import reloptions
 from pgupkeep.policy_types import (
@@ -24,19 +33,38 @@ from pgupkeep.policy_types import (
     RetentionText,
     ScheduleText,
     Size,
+    SqlText,
     StatementBudget,
     StatementTimeout,
     TargetName,
     TimezoneName,
+    WindowText,
 )
 from pgupkeep.schedules import Schedule, parse_schedule
-from pgupkeep.units import BIGINT_MAX
+from pgupkeep.sqltext import read_statement
+from pgupkeep.units import BIGINT_MAX, QualifiedName, Retention, parse_retention
 
-JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health")
+JOB_KINDS = ("partitions", "materialized_views", "long_running_queries", "bloat", "health", "query_insights", "sql")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class HistoryPolicy(_Model):
+    dsn: Dsn
+    """The database that keeps the history (libpq URI or key=value string; PG* variables apply)."""
+    table: RelationName = QualifiedName("pgupkeep", "job_runs")
+    """Schema-qualified table of the history; pgupkeep creates the schema and table if missing."""
+    retention: RetentionText = parse_retention("30 days")
+    """Rows older than this are deleted (hourly, in batches): an age such as 30 days or 6 months."""
+
+    @field_validator("retention")
+    @classmethod
+    def _an_age(cls, value: Retention) -> Retention:
+        if value.integer is not None:
+            raise ValueError("must be an age such as 30 days or 6 months")
+        return value
 
 
 class DaemonPolicy(_Model):
@@ -62,6 +90,8 @@ class DaemonPolicy(_Model):
     """A run that could not start within this of its scheduled time is skipped (at least 1s)."""
     log_query_text: Literal["full", "truncated", "none"] = "truncated"
     """Other sessions' query text in logs and findings: full, truncated (the first 200 characters) or none. A target may override it."""
+    history: HistoryPolicy | None = None
+    """Write one row per job run (every kind) into a table of this database (off unless set)."""
 
     @property
     def zone(self) -> ZoneInfo:
@@ -204,6 +234,16 @@ class BloatSection(_Model):
         description="Time spent on exact pgstattuple_approx figures for the worst candidates; the rest keep the estimate (0: none).",
     )
     vacuum_timeout: StatementTimeout = Field(timedelta(hours=1), description="statement_timeout of each VACUUM (1ms to 2147483647ms).")
+    min_index_size: Size = 10 * 1024**2
+    """Smaller B-tree indexes are not checked for bloat."""
+    max_index_bloat_ratio: float = Field(0.5, ge=0, le=1)
+    """Flag a B-tree index whose wasted share (what a REINDEX would give back) exceeds this."""
+    reindex: bool = False
+    """REINDEX INDEX CONCURRENTLY flagged indexes and invalid ones left by a failed CREATE INDEX CONCURRENTLY, one at a time."""
+    reindex_window: WindowText | None = None
+    """Five-field cron expression in the daemon's timezone: a REINDEX starts only in a minute it matches ("* 2-4 * * 0,6" is 02:00-04:59 on weekends). Omit for any time."""
+    max_reindex_size: Size = 10 * 1024**3
+    """Indexes larger than this are never rebuilt (a REINDEX CONCURRENTLY needs as much free disk again)."""
 
 
 class HealthSection(_Model):
@@ -233,6 +273,91 @@ class HealthSection(_Model):
     """Finding sequence_exhausting when a sequence has used this share of its range, capped by the type of the column it feeds."""
     report_top: int = Field(50, ge=0, le=10_000)
     """At most this many (the worst) slots, sequences and tables get per-object series and findings."""
+
+
+class QueryInsightsSection(_Model):
+    schedule: ScheduleText = parse_schedule("every 5m")
+    """When statements, foreign keys and table sizes are read; statement figures are per interval between runs."""
+    slow_mean_after: Duration = timedelta(milliseconds=100)
+    """Finding slow_statement when a statement's mean execution time in the interval exceeds this."""
+    min_calls: int = Field(5, ge=1)
+    """A statement called fewer times in the interval is never flagged slow."""
+    n_plus_one_calls_per_second: float = Field(20, gt=0)
+    """Finding n_plus_one_statement when a statement ran more often than this per second in the interval, and also met n_plus_one_mean_under (see docs/query-insights.md)."""
+    n_plus_one_mean_under: Duration = timedelta(milliseconds=5)
+    """... with a mean execution time under this, about one row per call (at most 1.5 on average) and a WHERE with an equality to a parameter (`= $1`)."""
+    report_top: int = Field(20, ge=0, le=1000)
+    """At most this many slow_statement and n_plus_one_statement findings a run, statements with a time series, and tables with size series."""
+    min_table_size: Size = 10 * 1024**2
+    """Foreign keys of smaller referencing tables are not reported."""
+
+
+SqlParam = str | int | float | bool | None
+
+
+class SqlJob(_Model):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,63}$")]
+    """Unique name of the statement in its target ([a-z0-9_-]); the `name` label and the run's item."""
+    schedule: ScheduleText
+    """When the statement runs: cron (also @hourly, @daily, @weekly, @monthly, @yearly) or every <duration>; a cron schedule fires at its times only, `every` also at start-up."""
+    sql: SqlText
+    """Exactly one SQL statement, run as written; `$1`, `$2` ... are the params below."""
+    params: tuple[SqlParam, ...] = Field((), validate_default=True)
+    """Values of `$1`, `$2` ..., bound as query parameters (never spliced into the text)."""
+    timeout: StatementTimeout | None = None
+    """statement_timeout of each batch (default: the target's statement_timeout; 1ms to 2147483647ms)."""
+    transaction: bool = Field(True, validate_default=True)
+    """Run each batch in a transaction; false runs it in autocommit (VACUUM, CREATE INDEX CONCURRENTLY, CALL of a procedure that commits)."""
+    writes: bool = True
+    """The statement writes: skipped on a standby. false runs it on a standby too, in a read-only session."""
+    repeat_until_rows_below: int | None = Field(None, ge=1, le=BIGINT_MAX)
+    """Batching: run again while a batch affects at least this many rows (each batch its own transaction); off unless set."""
+    max_batches: int = Field(100, ge=1, le=100_000)
+    """Batching: at most this many batches per run."""
+    pause_between_batches: Duration = timedelta(0)
+    """Batching: pause between two batches (a shutdown cuts it short)."""
+    explain: bool = Field(False, validate_default=True)
+    """`pgupkeep plan` also prints the statement's EXPLAIN (never EXPLAIN ANALYZE: nothing runs)."""
+
+    @field_validator("params")
+    @classmethod
+    def _params_match(cls, value: tuple[SqlParam, ...], info: ValidationInfo) -> tuple[SqlParam, ...]:
+        if "sql" not in info.data:
+            return value
+        used = read_statement(info.data["sql"]).params
+        wanted = set(range(1, len(value) + 1))
+        if used - wanted:
+            missing = ", ".join(f"${n}" for n in sorted(used - wanted))
+            raise ValueError(f"the sql uses {missing} but params lists {len(value)} values")
+        if wanted - used:
+            unused = ", ".join(f"${n}" for n in sorted(wanted - used))
+            raise ValueError(f"the sql does not use {unused}; list exactly the values of $1..${len(value)}")
+        return value
+
+    @field_validator("transaction")
+    @classmethod
+    def _fits_a_transaction(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "sql" in info.data and (why := read_statement(info.data["sql"]).needs_autocommit()):
+            raise ValueError(f"{why}; set transaction: false")
+        return value
+
+    @field_validator("explain")
+    @classmethod
+    def _explainable(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "sql" in info.data and not read_statement(info.data["sql"]).explainable:
+            raise ValueError("only SELECT, INSERT, UPDATE, DELETE, MERGE, VALUES, TABLE and WITH statements have a plan to explain")
+        return value
+
+
+class SqlSection(_Model):
+    jobs: tuple[SqlJob, ...] = ()
+    """The named statements, each on its own schedule."""
+
+    def job(self, name: str) -> SqlJob:
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(name)
 
 
 class Discover(_Model):
@@ -268,9 +393,15 @@ class Target(_Model):
     long_running_queries: LongRunningQueriesSection | None = None
     """Flag (and optionally signal) long-running and idle-in-transaction sessions."""
     bloat: BloatSection | None = None
-    """Flag (and optionally vacuum) bloated tables."""
+    """Flag (and optionally vacuum) bloated tables; flag (and optionally rebuild) bloated indexes."""
     health: HealthSection | None = None
     """Connections, transaction-ID age, invalid and unused indexes, database size, replication slots and lag, sequences, xmin horizon, per-table freeze age and autovacuum lag."""
+    query_insights: QueryInsightsSection | None = None
+    """Slow and N+1-shaped statements (pg_stat_statements deltas), unindexed foreign keys, largest tables."""
+
+
+    sql: SqlSection | None = None
+    """Named SQL statements on their own schedules, with timeouts, lock budgets and batching."""
     discover: Discover | None = None
     """Make every matching database of the DSN's server a target `<name>/<database>` with these job sections (the DSN names the database discovery connects to; postgres if none)."""
 

@@ -9,8 +9,10 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from pgupkeep.schedules import Schedule, parse_schedule
+from pgupkeep.sqltext import SqlTextError, read_statement
 from pgupkeep.units import (
     BIGINT_MAX,
     MAX_DURATION,
@@ -101,6 +103,22 @@ ScheduleText = Annotated[
         }
     ),
 ]
+def parse_window(value: object) -> Schedule:
+    """A five-field cron expression whose matching minutes form a window (no `every`)."""
+    if isinstance(value, str) and value.strip().lower().startswith("every"):
+        raise ValueError('must be a five-field cron expression whose matching minutes form the window, such as "* 2-4 * * 0,6"')
+    return parse_schedule(value)
+
+
+WindowText = Annotated[
+    Schedule,
+    PlainValidator(parse_window),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "description": "five-field cron (0 and 7 are Sunday); the minutes it matches form the window", "examples": ["* 2-4 * * 0,6"]}
+    ),
+]
+
 RetentionText = Annotated[
     Retention,
     PlainValidator(parse_retention),
@@ -250,3 +268,20 @@ def _parse_dsn(value: object) -> str:
 
 Dsn = Annotated[str, PlainValidator(_parse_dsn), WithJsonSchema({"type": "string", "examples": ["${SHOP_DATABASE_URL}"]})]
 TargetName = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,63}$")]
+
+
+def _parse_sql(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a SQL statement (a string)")
+    try:
+        return read_statement(value).text
+    except SqlTextError as exc:
+        # Where in the text: the policy loader turns it into the file's line and column.
+        raise PydanticCustomError("sql_text", "{message}", {"message": str(exc), "line": exc.line, "column": exc.column}) from None
+
+
+SqlText = Annotated[
+    str,
+    PlainValidator(_parse_sql),
+    WithJsonSchema({"type": "string", "minLength": 1, "description": "exactly one SQL statement"}),
+]

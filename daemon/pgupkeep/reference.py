@@ -18,11 +18,15 @@ from pgupkeep.policy import (
     BloatSection,
     DaemonPolicy,
     HealthSection,
+    HistoryPolicy,
     LongRunningQueriesSection,
     MaterializedViewsSection,
     PartitionsSection,
     PartitionTable,
+    QueryInsightsSection,
     SessionSettings,
+    SqlJob,
+    SqlSection,
     Target,
     ViewPolicy,
     policy_schema,
@@ -32,6 +36,7 @@ from pgupkeep.units import format_duration
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("daemon", DaemonPolicy),
+    ("daemon.history", HistoryPolicy),
     ("defaults (and each target)", SessionSettings),
     ("targets[]", Target),
     ("targets[].partitions", PartitionsSection),
@@ -41,6 +46,9 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("targets[].long_running_queries", LongRunningQueriesSection),
     ("targets[].bloat", BloatSection),
     ("targets[].health", HealthSection),
+    ("targets[].query_insights", QueryInsightsSection),
+    ("targets[].sql", SqlSection),
+    ("targets[].sql.jobs[]", SqlJob),
 ]
 
 

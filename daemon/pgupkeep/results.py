@@ -24,6 +24,9 @@ ACTIONS = (
     "cancel_backend",
     "terminate_backend",
     "vacuum_table",
+    "reindex_index",
+    "drop_invalid_index",
+    "run_sql",
     "finish_retirement",
 )
 FINDINGS = (
@@ -51,6 +54,13 @@ FINDINGS = (
     "prepared_transaction_old",
     "table_freeze_age",
     "autovacuum_lagging",
+    "slow_statement",
+    "n_plus_one_statement",
+    "unindexed_foreign_key",
+    "bloated_index",
+    "index_skipped_locked",
+    "insufficient_privilege",
+    "extension_missing",
     "partition_key_exhausting",
 )
 
@@ -91,7 +101,8 @@ class Finding:
 
 @dataclass(frozen=True)
 class Sample:
-    """One gauge reading, named as in the spec without the `pgupkeep_` prefix.
+    """One gauge reading, named as in the spec without the `pgupkeep_` prefix; for a name in
+    metrics.SAMPLE_COUNTERS, the amount its counter moves by (a delta since the last run).
 
     Labels hold only policy names (table, view) and bounded states, never query text or pids.
     A job reports the whole set of a gauge family each run; series it stops reporting vanish.
@@ -151,6 +162,10 @@ class Plan:
 
     `settle(applied)` (optional) gives what depends on which steps were applied, such as the
     gauges as they stand after the run; `pgupkeep plan` calls it with no step applied.
+
+    A step may insert steps into `steps` right after itself while it is applied (a statement's
+    next batch, known only once this one ran): the runner takes the steps in list order as it goes,
+    fencing each.
     """
 
     steps: list[Step] = field(default_factory=list)

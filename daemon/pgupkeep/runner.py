@@ -187,7 +187,7 @@ class Runner:
         out = JobOutput()
         try:
             standby = db.server_is_standby(conn)
-            if kind.writes and apply and standby:
+            if apply and standby and kind.writes_for(target.section(job), items):
                 return self._finish(result("skipped", reason="standby", target_up=True, leader=leader))
             ctx = JobContext(
                 target=target,

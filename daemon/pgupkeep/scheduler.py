@@ -29,6 +29,7 @@ class PlannedJob:
     job: str
     items: tuple[str, ...] | None
     schedule: Schedule
+    at_start: bool = True
 
     @property
     def item(self) -> str | None:
@@ -53,9 +54,11 @@ def planned_jobs(policy: Policy) -> list[PlannedJob]:
             continue  # its databases are the targets (see fleet.expand), not its own DSN
         for job in target.job_kinds():
             kind = REGISTRY[job]
-            for items, schedule in kind.schedule_groups(target.section(job)):
-                suffix = f":{schedule}" if items is not None else ""
-                out.append(PlannedJob(f"{target.name}:{job}{suffix}", target.name, job, items, schedule))
+            for group in kind.schedule_groups(target.section(job)):
+                suffix = f":{group.key}" if group.key else ""
+                out.append(
+                    PlannedJob(f"{target.name}:{job}{suffix}", target.name, job, group.items, group.schedule, group.at_start)
+                )
     return out
 
 
@@ -128,10 +131,11 @@ class Scheduler:
                 continue
             # A discovered database's runs are spread over their period (the same phase on every
             # replica) rather than all due at once; a target of its own runs once at start-up,
-            # then on schedule, so a fresh daemon reports at once.
+            # then on schedule, so a fresh daemon reports at once. A kind may ask for its schedule
+            # only (a sql statement on a cron schedule runs at its times).
             spread = discovered(planned.target) and planned.target not in at_once
             trigger = planned.schedule.trigger(policy.daemon.zone, policy.daemon.jitter, phase(job_id) if spread else None)
-            extra = {} if spread else {"next_run_time": datetime.now(policy.daemon.zone)}
+            extra = {} if spread or not planned.at_start else {"next_run_time": datetime.now(policy.daemon.zone)}
             self._sched.add_job(
                 self._run,
                 trigger=trigger,

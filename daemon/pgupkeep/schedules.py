@@ -219,3 +219,27 @@ def _cron(text: str, expression: str) -> Schedule:
     except ValueError as exc:
         raise ValueError(f"{SCHEDULE_HELP}: {exc}") from None
     return schedule
+
+
+def longest_gap(schedule: Schedule, timezone: tzinfo, now: datetime, limit: int = 2000) -> timedelta:
+    """The longest time between two consecutive runs, looking ahead from `now`.
+
+    `period()` is a coarse upper bound for cron schedules ("*/10 * * * *" gives an hour); this
+    walks the real fire times over twice that bound (at most `limit` of them), so a weekday job's
+    longest gap is the weekend and a ten-minute job's is ten minutes.
+    """
+    if schedule.every is not None:
+        return schedule.every
+    trigger = schedule.trigger(timezone)
+    horizon = now + 2 * schedule.period()
+    previous = trigger.get_next_fire_time(None, now)
+    gap = timedelta(0)
+    for _ in range(limit):
+        if previous is None or previous > horizon:
+            break
+        following = trigger.get_next_fire_time(previous, previous)
+        if following is None:
+            break
+        gap = max(gap, following - previous)
+        previous = following
+    return gap or schedule.period()

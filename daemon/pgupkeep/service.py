@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from pgupkeep import __version__, db, fleet
+from pgupkeep.history import History
 from pgupkeep.http import HttpServer
 from pgupkeep.logs import get_logger, log_result
 from pgupkeep.metrics import Metrics
@@ -39,7 +40,7 @@ def _fingerprint(path: Path) -> str | None:
 
 
 # daemon keys read only at start-up: a reload that changes them says so in `restart_needed_for`.
-RESTART_KEYS = ("listen", "max_parallel_jobs", "timezone", "log_format", "log_level", "misfire_grace", "jitter", "max_leases")
+RESTART_KEYS = ("listen", "max_parallel_jobs", "timezone", "log_format", "log_level", "misfire_grace", "jitter", "max_leases", "history")
 
 
 class Service:
@@ -62,7 +63,10 @@ class Service:
         # those databases as targets (`effective`).
         self.found: dict[str, fleet.Discovered] = {}
         self._fleet_lock = threading.Lock()
-        self.runner = Runner(self.effective(), sinks=[log_result, self.metrics.record], leases=self.leases)
+        h = policy.daemon.history  # the run history: one more sink, written on its own thread
+        self.history = History(h, self.metrics.history_write_failed, self.metrics.history_rows_dropped) if h else None
+        sinks = [log_result, self.metrics.record, *([self.history.record] if self.history else [])]
+        self.runner = Runner(self.effective(), sinks=sinks, leases=self.leases)
         self.scheduler = Scheduler(
             run=self._run_job, on_overrun=self._overrun, on_missed=self._missed, probe=self._probe,
             watch=self.leases.watch, discover=self._discover,
@@ -72,6 +76,8 @@ class Service:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        if self.history is not None:
+            self.history.start()
         self.metrics.policy_loaded(True)
         self.http = HttpServer(self.policy.daemon.listen, self.metrics.render, self.healthy, self.ready)
         self.http.start()
@@ -183,6 +189,8 @@ class Service:
             # writing under a lease this replica gives up: its sessions close with the process.
             self.log.warning("runs_abandoned", runs=still, message="runs still in flight at exit; their sessions close with the process")
         self.leases.release_all()
+        if self.history is not None:
+            self.history.close()  # what is queued is written within a few seconds, or counted
         if self.http is not None:
             self.http.stop()
         self.log.info("daemon_stopped", cancelled_jobs=cancelled)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -186,9 +187,23 @@ class DdlRunner:
         *,
         relations: Iterable[QualifiedName],
         transaction: bool = True,
-    ) -> None:
+        params: Sequence[Any] | None = None,
+        blockers: Callable[[], Sequence[int]] | None = None,
+        label: str | None = None,
+    ) -> int:
+        """Run `statements` (in one transaction, or each in autocommit); returns the rows the last
+        one affected (-1 when it reports none).
+
+        With `params` each statement is sent as written, with PostgreSQL's own `$n` parameters,
+        through the extended protocol (which runs exactly one statement). `blockers` names the
+        sessions that held the lock where `relations` cannot (a statement of unknown relations);
+        `label` names what waited in messages.
+        """
+        relations = list(relations)
         rel_names = [sql.Identifier(*r.parts).as_string(conn) for r in relations]
-        label = ", ".join(str(r) for r in relations) or "?"
+        label = label or ", ".join(str(r) for r in relations) or "?"
+        run = self._runner(conn, params)
+        rows = -1
         attempt = 0
         done = 0  # outside a transaction each statement commits: a retry resumes at the one that failed
         while True:
@@ -197,22 +212,33 @@ class DdlRunner:
                 if transaction:
                     with conn.transaction():
                         for stmt in statements:
-                            conn.execute(stmt)
+                            rows = run(stmt)
                 else:
                     for stmt in statements[done:]:
-                        conn.execute(stmt)
+                        rows = run(stmt)
                         done += 1
-                return
+                return rows
             except psycopg.errors.LockNotAvailable as exc:
                 # In a transaction any of its statements may have waited; alone, the one that failed.
                 unit = statements if transaction else statements[done : done + 1]
                 texts = [s.as_string(conn) if isinstance(s, sql.Composable) else str(s) for s in unit]
-                pids = self._blockers(conn, texts, rel_names, self.lock_timeout)
+                if blockers is not None:
+                    pids = list(blockers())
+                else:
+                    pids = self._blockers(conn, texts, rel_names, self.lock_timeout)
                 text = texts[0]
                 self.waits.append(LockWait(label, attempt, tuple(pids), text))
                 if attempt > self.retries:
                     raise LockTimeoutError(label, attempt, pids, self.lock_timeout) from exc
                 self.sleep(self.backoff(attempt))
+
+    @staticmethod
+    def _runner(conn: psycopg.Connection, params: Sequence[Any] | None) -> Callable[[sql.Composable | str], int]:
+        if params is None:
+            return lambda stmt: conn.execute(stmt).rowcount
+        values = list(params)
+        # A prepared statement: Parse accepts one statement only, whatever the text holds.
+        return lambda stmt: psycopg.RawCursor(conn).execute(stmt, values, prepare=True).rowcount
 
     @staticmethod
     def _blockers(conn: psycopg.Connection, statements: Sequence[str], rel_names: list[str], waited: timedelta) -> list[int]:

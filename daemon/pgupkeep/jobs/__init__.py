@@ -5,7 +5,15 @@ kind = module name = policy key = `job` label.
 
 from __future__ import annotations
 
-from pgupkeep.jobs import bloat, health, long_running_queries, materialized_views, partitions
+from pgupkeep.jobs import (
+    bloat,
+    health,
+    long_running_queries,
+    materialized_views,
+    partitions,
+    query_insights,
+    sql,
+)
 from pgupkeep.jobs.base import JobContext, JobKind
 
 REGISTRY: dict[str, JobKind] = {
@@ -16,6 +24,8 @@ REGISTRY: dict[str, JobKind] = {
         long_running_queries.KIND,
         bloat.KIND,
         health.KIND,
+        query_insights.KIND,
+        sql.KIND,
     )
 }
 

@@ -20,6 +20,7 @@ from psycopg import sql
 from pgupkeep.db import DdlRunner
 from pgupkeep.policy import Target
 from pgupkeep.results import Finding, Plan
+from pgupkeep.schedules import Schedule
 from pgupkeep.units import QualifiedName
 
 
@@ -76,22 +77,42 @@ class JobContext:
 
 
 @dataclass(frozen=True)
+class ScheduleGroup:
+    """One scheduler job of a kind on a target: the items it runs (None: the whole section) on
+    one schedule."""
+
+    items: tuple[str, ...] | None
+    schedule: Schedule
+    key: str = ""  # tells this kind's groups of one target apart (the scheduler job id's suffix)
+    at_start: bool = True  # also run right after start-up, so a fresh daemon reports at once
+
+
+def whole_section(section: Any) -> list[ScheduleGroup]:
+    """The default: one run of the whole section on the section's schedule."""
+    return [ScheduleGroup(None, section.schedule)]
+
+
+def shared_schedules(pairs: Iterable[tuple[str, Schedule]]) -> list[ScheduleGroup]:
+    """Items that share a schedule are due at once and run together (views, refreshed in
+    dependency order): one group per distinct schedule, keyed by it."""
+    groups: dict[str, tuple[list[str], Schedule]] = {}
+    for item, schedule in pairs:
+        groups.setdefault(str(schedule), ([], schedule))[0].append(item)
+    return [ScheduleGroup(tuple(items), schedule, key=str(schedule)) for items, schedule in groups.values()]
+
+
+@dataclass(frozen=True)
 class JobKind:
     name: str  # = package name = policy key = `job` label
     plan: Callable[[JobContext], Plan]
     writes: bool  # skipped on a standby when applying
-    per_item: bool = False  # scheduled per item (materialized views: per view)
+    # How the section's items map to scheduler jobs: the whole section on its schedule (default),
+    # items grouped by shared schedule (materialized views), or each item alone (sql statements).
+    schedule_groups: Callable[[Any], list[ScheduleGroup]] = whole_section
+    # Whether a run of these items (None: all) writes, when that depends on the items (sql
+    # statements say so one by one); None: `writes` says it for the whole kind.
+    writes_items: Callable[[Any, tuple[str, ...] | None], bool] | None = None
 
-    def schedule_groups(self, section: Any) -> list[tuple[tuple[str, ...] | None, Any]]:
-        """(items, schedule) pairs this kind is scheduled by.
-
-        Per-item kinds get one scheduler job per distinct schedule: items that share a schedule
-        are due at once and run together (so views can be refreshed in dependency order).
-        """
-        if not self.per_item:
-            return [(None, section.schedule)]
-        groups: dict[str, tuple[list[str], Any]] = {}
-        for view in section.views:
-            schedule = section.schedule_of(view)
-            groups.setdefault(str(schedule), ([], schedule))[0].append(str(view.view))
-        return [(tuple(items), schedule) for items, schedule in groups.values()]
+    def writes_for(self, section: Any, items: tuple[str, ...] | None) -> bool:
+        """Whether a run of these items is skipped on a standby."""
+        return self.writes if self.writes_items is None else self.writes_items(section, items)

@@ -17,7 +17,7 @@ from psycopg import errors, sql
 
 from pgupkeep import db
 from pgupkeep.db import DdlRunner, LockTimeoutError
-from pgupkeep.jobs.base import JobContext, JobKind
+from pgupkeep.jobs.base import JobContext, JobKind, ScheduleGroup, shared_schedules
 from pgupkeep.jobs.materialized_views.refreshes import (
     Mode,
     Refresh,
@@ -330,4 +330,8 @@ def _refresh_step(
     return out
 
 
-KIND = JobKind(name="materialized_views", plan=plan, writes=True, per_item=True)
+def _schedule_groups(section: MaterializedViewsSection) -> list[ScheduleGroup]:
+    return shared_schedules((str(v.view), section.schedule_of(v)) for v in section.views)
+
+
+KIND = JobKind(name="materialized_views", plan=plan, writes=True, schedule_groups=_schedule_groups)
