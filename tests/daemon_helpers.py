@@ -280,3 +280,16 @@ class ActivitySampler:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self._stop.wait(self.every):
                 self.sample(conn)
+
+
+class _Seconds:
+    """Equal to any non-negative float: durations are real time."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float) and other >= 0
+
+    def __repr__(self) -> str:
+        return "<seconds>"
+
+
+SECONDS = _Seconds()

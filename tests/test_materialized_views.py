@@ -14,7 +14,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from daemon_helpers import wait_until
+from daemon_helpers import SECONDS, wait_until
 from pgupkeep import db
 from pgupkeep.jobs import materialized_views as mv
 from pgupkeep.jobs.base import JobContext
@@ -27,17 +27,6 @@ from pgupkeep.units import QualifiedName
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 
 
-class _Seconds:
-    """Equal to any non-negative float: durations are real time."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, float) and other >= 0
-
-    def __repr__(self) -> str:
-        return "<seconds>"
-
-
-SECONDS = _Seconds()
 
 
 def target_for(dsn: str, views: list[dict], **session: str | int) -> Target:

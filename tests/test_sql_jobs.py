@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
-from daemon_helpers import REPO, ActivitySampler, Daemon, wait_until, write_policy
+from daemon_helpers import REPO, SECONDS, ActivitySampler, Daemon, wait_until, write_policy
 from pgupkeep import db
 from pgupkeep.jobs import sql as sql_kind
 from pgupkeep.jobs.base import JobContext
@@ -34,17 +34,6 @@ NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 NAP = "CREATE FUNCTION app.nap(s float8) RETURNS boolean LANGUAGE sql VOLATILE AS $$ SELECT true FROM pg_sleep(s) $$"
 
 
-class _Seconds:
-    """Equal to any non-negative float: durations are real time."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, float) and other >= 0
-
-    def __repr__(self) -> str:
-        return "<seconds>"
-
-
-SECONDS = _Seconds()
 
 
 def target_for(dsn: str, jobs: list[dict], **session: object) -> Target:
