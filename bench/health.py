@@ -14,25 +14,32 @@ With --one-statement, side by side: the one statement the issue suggested for se
 statements + batches of max_locks_per_transaction). Off by default: that statement takes one lock
 per sequence, and on a shared server with 10,000 sequences it failed with "out of shared memory"
 (and, while it held them, left other sessions short of lock slots). The database is named
-health_bench_* and dropped at the end.
+bench_health_* and dropped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
-from benchlib import connect, dsn, ensure_server, fmt_s, median, print_header, ratio, table
+from benchlib import (
+    connect,
+    dsn,
+    ensure_server,
+    fmt_s,
+    median,
+    print_header,
+    ratio,
+    scratch_database,
+    table,
+)
 from prometheus_client import CollectorRegistry, generate_latest
-from psycopg import sql
 
 from pgupkeep import db
 from pgupkeep.jobs import health
@@ -44,19 +51,6 @@ from pgupkeep.results import JobResult
 from pgupkeep.runner import execute_job
 
 CHUNK = 100  # tables a setup transaction creates: each holds a few locks until it commits
-
-
-@contextlib.contextmanager
-def scratch(keep: bool = False) -> Iterator[str]:
-    name = f"health_bench_{secrets.token_hex(3)}"
-    with connect() as c:
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield name
-    finally:
-        if not keep:
-            with connect() as c:
-                c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def setup(name: str, n: int) -> None:
@@ -182,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
     ensure_server()
     print_header(f"health job: {args.tables:,} tables and sequences")
-    with scratch(args.keep) as name:
+    with scratch_database(f"bench_health_{secrets.token_hex(3)}", keep=args.keep) as name:
         setup(name, args.tables)
         memo: dict = {}
         first = run_job(name, memo)
