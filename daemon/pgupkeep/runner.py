@@ -107,9 +107,14 @@ def execute_job(kind: JobKind, ctx: JobContext) -> JobOutput:
     """Plan and, when `ctx.apply`, apply a job with no lease and no shutdown (tests, benchmarks)."""
     out = JobOutput()
     apply_plan(kind.plan(ctx), out, Fence(threading.Event()) if ctx.apply else None)
+    add_lock_findings(out, ctx)
+    return out
+
+
+def add_lock_findings(out: JobOutput, ctx: JobContext) -> None:
+    """Each DDL attempt of the run that gave up on a lock, unless the job reported them itself."""
     if not any(f.kind == "lock_timeout" for f in out.findings):
         out.findings.extend(ctx.lock_findings())
-    return out
 
 
 def _utcnow() -> datetime:
@@ -206,7 +211,7 @@ class Runner:
             plan = kind.plan(ctx)
             fence = Fence(self.stop, self._confirmer(target, conn, leader)) if apply else None
             stopped = apply_plan(plan, out, fence)
-            self._add_lock_findings(out, ctx)
+            add_lock_findings(out, ctx)
             if stopped is not None:
                 return self._finish(self._cancelled(result, out, stopped, leader))
             errors = tuple(out.errors)
@@ -224,7 +229,7 @@ class Runner:
             )
         except Exception as exc:  # the runner is the one place a job's failure is captured
             if ctx is not None:
-                self._add_lock_findings(out, ctx)
+                add_lock_findings(out, ctx)
             if apply and (self.stop.is_set() or isinstance(exc, RunStopped)):
                 reason = exc.reason if isinstance(exc, RunStopped) else "shutdown"
                 return self._finish(self._cancelled(result, out, reason, leader))
@@ -313,10 +318,6 @@ class Runner:
                 )
         return res
 
-    @staticmethod
-    def _add_lock_findings(out: JobOutput, ctx: JobContext) -> None:
-        if not any(f.kind == "lock_timeout" for f in out.findings):
-            out.findings.extend(ctx.lock_findings())
 
     @staticmethod
     def _summary(errors: tuple[ItemError, ...]) -> str | None:
