@@ -184,6 +184,10 @@ def main() -> None:
         for _ in range(args.runs):
             move_sequences(name, args.moving)
             steady.append(run_job(name, memo))
+        # A full read again, each with an empty memo: what every run after a start costs (and
+        # once an hour, and every run on a standby). The very first run above also met a cold
+        # database: its catalogs had never been read by any session.
+        full = [run_job(name, {}) for _ in range(args.runs)]
         # Apart from the runs above: reading every sequence moves every page-fetch count, which
         # would make each following run read every value again.
         seq_one, seq_all = [], []
@@ -203,8 +207,13 @@ def main() -> None:
     print(table(
         ["health job, new session each run", "wall", "server backend CPU", "client CPU", "target", "verdict (wall)"],
         [
-            ["first run (every sequence read)", fmt_s(first.wall), cpu(first.backend), cpu(first.client), "< 1 s",
-             "met" if first.wall < 1 else "NOT met"],
+            ["very first run on the new database (every sequence read)", fmt_s(first.wall), cpu(first.backend),
+             cpu(first.client), "< 1 s", "met" if first.wall < 1 else "NOT met"],
+            [f"first run after a start (every sequence read), median of {args.runs}", fmt_s(median([r.wall for r in full])),
+             cpu(median([r.backend for r in full])), cpu(median([r.client for r in full])), "< 1 s",
+             "met" if median([r.wall for r in full]) < 1 else "NOT met"],
+            ["first run after a start, worst run", fmt_s(max(r.wall for r in full)), "", "", "< 1 s",
+             "met" if max(r.wall for r in full) < 1 else "NOT met"],
             [f"steady state, median of {args.runs} ({args.moving} sequences used between runs)", fmt_s(median(walls)),
              cpu(median([r.backend for r in steady])), cpu(median([r.client for r in steady])), "< 1 s",
              "met" if median(walls) < 1 else "NOT met"],
