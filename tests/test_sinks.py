@@ -277,3 +277,48 @@ def test_process_metrics_and_lease_changes_are_exported():
     assert value(m, "pgupkeep_lease_changes_total", target="shop", change="acquired") == 1
     assert value(m, "pgupkeep_lease_changes_total", target="shop", change="lost") == 1
     assert (value(m, "process_resident_memory_bytes") or 0) > 0
+
+
+def test_a_slow_rendering_never_holds_up_results_or_lease_changes():
+    """With a thousand targets one rendering takes seconds; recording a result or a lease change
+    meanwhile must not wait for it (a rebalance of hundreds of leases once took minutes)."""
+    import threading
+
+    from prometheus_client.registry import Collector
+
+    m = Metrics(render_every=0.01)
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Collector):
+        def collect(self):
+            if threading.current_thread().name == "metrics-render":
+                entered.set()
+                release.wait(30)
+            return []
+
+    m.render("")  # the first page (and the renderer thread), before the collector is slow
+    m.registry.register(Slow())
+    try:
+        m.record(result(job="health", samples=(Sample("database_size_bytes", 5),)))
+        assert entered.wait(10), "the renderer did not start a rendering"
+        done = threading.Event()
+
+        def change() -> None:
+            for i in range(100):
+                m.lease_changed(f"shop/t{i}", "acquired")
+            m.record(result(job="health", samples=(Sample("database_size_bytes", 6),)))
+            m.render("")  # a scrape is served the last page meanwhile
+            done.set()
+
+        threading.Thread(target=change, daemon=True).start()
+        assert done.wait(10), "lease changes and results waited for the rendering"
+        assert not release.is_set()
+    finally:
+        release.set()
+    line = b'pgupkeep_target_leader{target="shop/t99"} 1.0'
+    import time
+
+    deadline = time.monotonic() + 10
+    while line not in m.render("")[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert line in m.render("")[0]

@@ -111,8 +111,11 @@ class LastResults(Collector):
             for name, (labels, help_) in SAMPLE_GAUGES.items()
         }
         seen: set[tuple[str, tuple[str, ...]]] = set()
+        # Rendering runs beside the runs that record results: a snapshot (one C-level copy under
+        # the GIL) rather than iterating the dict they update.
+        items = list(self.samples.items())
         # Sorted for a stable page; where two runs report one series, the first in that order wins.
-        for (target, _job, _item), samples in sorted(self.samples.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "")):
+        for (target, _job, _item), samples in sorted(items, key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "")):
             for sample in samples:
                 spec = SAMPLE_GAUGES.get(sample.metric)
                 if spec is None:
@@ -141,10 +144,11 @@ class TargetStates(Collector):
 
     def collect(self) -> list[GaugeMetricFamily]:
         counts = dict.fromkeys(self.STATES, 0)
+        up, leader = dict(self.up), dict(self.leader)  # snapshots: see LastResults.collect
         for t in self.targets:
-            if self.up.get(t) is False:
+            if up.get(t) is False:
                 counts["unreachable"] += 1
-            elif self.leader.get(t):
+            elif leader.get(t):
                 counts["leading"] += 1
             else:
                 counts["following"] += 1
@@ -244,24 +248,30 @@ class Metrics:
         """The exposition body for an Accept header: the latest rendering, at most about
         `render_every` seconds behind the values."""
         encoder, content_type = choose_encoder(accept)
+        page = self._pages.get(content_type)
+        if page is None:
+            page = (encoder, encoder(self.registry))
+            with self._lock:
+                page = self._pages.setdefault(content_type, page)
         with self._lock:
-            page = self._pages.get(content_type)
-            if page is None:
-                page = (encoder, encoder(self.registry))
-                self._pages[content_type] = page
             if self._renderer is None:
                 self._renderer = threading.Thread(target=self._render_loop, name="metrics-render", daemon=True)
                 self._renderer.start()
-            return page[1], content_type
+        return page[1], content_type
 
     def _render_loop(self) -> None:
         while True:
             self._dirty.wait()
             self._dirty.clear()
             started = time.monotonic()
-            with self._lock:
-                for content_type, (encoder, _) in list(self._pages.items()):
-                    self._pages[content_type] = (encoder, encoder(self.registry))
+            # Encoded without self._lock: with a thousand targets one rendering takes a second or
+            # more, and every result, lease change and probe would wait for it (a rebalance of
+            # 600 leases took minutes). Counters and gauges are safe to read while they change;
+            # the collectors read snapshots. A change during the encoding is in the next page.
+            for content_type, (encoder, _) in list(self._pages.items()):
+                body = encoder(self.registry)
+                with self._lock:
+                    self._pages[content_type] = (encoder, body)
             spent = time.monotonic() - started
             # Changes during the pause are picked up by the next rendering: coalesced, not queued.
             self._urgent.wait(max(self.render_every, 50 * spent))
