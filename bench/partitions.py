@@ -155,7 +155,7 @@ def timed_sql(db: str, statement: str) -> float:
         return time.perf_counter() - t0
 
 
-def bench_tables(n: int, runs: int) -> list[list[str]]:
+def bench_tables(n: int, runs: int, fn_runs: int = 2) -> list[list[str]]:
     rows = []
     with scratch_database(f"bench_partitions_{n}") as db:
         setup(db, n)
@@ -186,7 +186,7 @@ def bench_tables(n: int, runs: int) -> list[list[str]]:
                 raise SystemExit("pg_partman did not recreate every newest partition")
             assert drop_newest(db, "pu") == n
             pu_new.append(run_pgupkeep(runner, expect_creates=n))
-            if r < 2:  # the single-transaction function too, for reference (fewer runs: it is slow)
+            if r < fn_runs:  # the single-transaction function too, for reference (fewer runs: it is slow)
                 assert drop_newest(db, "pm") == n
                 try:
                     pm_fn.append(timed_sql(db, "SELECT partman.run_maintenance()"))
@@ -197,9 +197,10 @@ def bench_tables(n: int, runs: int) -> list[list[str]]:
         pm_m, pu_m = median(pm_new), median(pu_new)
         rows.append([f"{n} tables, one new partition each", "run_maintenance_proc()", fmt_s(pm_m), fmt_s(pu_m), ratio(pu_m, pm_m)])
         ok = [x for x in pm_fn if x == x]
-        fn_m = median(ok)
-        fn_text = fmt_s(fn_m) if len(ok) == len(pm_fn) else f"failed {len(pm_fn) - len(ok)}/{len(pm_fn)}" + (f", {fmt_s(fn_m)}" if ok else "")
-        rows.append([f"{n} tables, one new partition each", "run_maintenance() (ref.)", fn_text, fmt_s(pu_m), ratio(pu_m, fn_m) if ok else "n/a"])
+        if pm_fn:
+            fn_m = median(ok) if ok else float("nan")
+            fn_text = fmt_s(fn_m) if len(ok) == len(pm_fn) else f"failed {len(pm_fn) - len(ok)}/{len(pm_fn)}" + (f", {fmt_s(fn_m)}" if ok else "")
+            rows.append([f"{n} tables, one new partition each", "run_maintenance() (ref.)", fn_text, fmt_s(pu_m), ratio(pu_m, fn_m) if ok else "n/a"])
         print(f"  one-new {n}: proc {[round(x, 3) for x in pm_new]} fn {[round(x, 3) for x in pm_fn]} "
               f"pgupkeep {[round(x, 3) for x in pu_new]}", flush=True)
     return rows
@@ -317,13 +318,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--lock-tables", type=int, default=100, help="tables in the lock-contention database (0: skip)")
     ap.add_argument("--lock-runs", type=int, default=3)
+    ap.add_argument("--fn-runs", type=int, default=2,
+                    help="runs of the single-transaction run_maintenance() beside run_maintenance_proc() (0: skip)")
     args = ap.parse_args()
     ensure_packages()
     ensure_server()
     print_header("Partitions: pg_partman vs pgupkeep")
     rows = []
     for n in args.tables:
-        rows += bench_tables(n, args.runs)
+        rows += bench_tables(n, args.runs, args.fn_runs)
     print(f"\nmedians of {args.runs} runs; ratio = pgupkeep / pg_partman\n")
     print(table(["workload", "pg_partman call", "pg_partman", "pgupkeep", "ratio"], rows), flush=True)
     if args.lock_tables:
