@@ -145,7 +145,10 @@ def test_half_deleted_table_is_flagged_near_truth_and_clean_table_is_not(fresh_d
         "bloat_ratio": f["bloat_ratio"],
         "bloat_bytes": f["bloat_bytes"],
         "method": "estimate",
-        "estimate_basis": "pg_stats",
+        # Half the rows went after the statistics were taken (past autovacuum's ANALYZE threshold):
+        # the figure says what it rests on.
+        "estimate_basis": "pg_stats_stale",
+        "changed_since_analyze": 10_000,
         "last_vacuum": None,
         "last_autovacuum": None,
         "autovacuum_overdue": True,
@@ -155,6 +158,7 @@ def test_half_deleted_table_is_flagged_near_truth_and_clean_table_is_not(fresh_d
         "heap": {"size_bytes": f["size_bytes"], "bloat_bytes": f["bloat_bytes"], "method": "estimate"},
         "toast": {"size_bytes": 0, "bloat_bytes": 0, "method": "estimate"},
     }
+    assert "column statistics taken before 10000 rows changed (ANALYZE public.half" in f["message"]
     assert "dead_tuples" in f["over"]
     assert f["size_bytes"] > 2_000_000 and f["bloat_bytes"] == pytest.approx(f["size_bytes"] * f["bloat_ratio"], rel=0.01)
     assert "VACUUM (ANALYZE) public.half" in f["remedy"] and f["message"].startswith("public.half: ")
@@ -162,6 +166,20 @@ def test_half_deleted_table_is_flagged_near_truth_and_clean_table_is_not(fresh_d
     assert series(out, "bloated_tables") == {"": 1.0}
     assert series(out, "table_dead_tuples") == {"public.half": 10_000.0, "public.clean": 0.0}
     assert series(out, "table_bloat_ratio")["public.clean"] < 0.05
+
+    # Statistics taken again: the same figure, no longer marked.
+    execute(dsn, "ANALYZE half")
+    deadline = time.monotonic() + 15
+    while True:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            if c.execute("SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relid = 'half'::regclass").fetchone()[0] == 0:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = findings_by_object(run_job(dsn))["public.half"]
+    assert again["estimate_basis"] == "pg_stats" and "changed_since_analyze" not in again
+    assert "column statistics taken before" not in again["message"]
+    assert again["bloat_ratio"] == pytest.approx(truth, abs=0.03)
 
 
 def test_free_space_after_plain_vacuum_is_still_reported_as_wasted(fresh_database: str):

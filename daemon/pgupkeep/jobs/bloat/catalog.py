@@ -66,7 +66,8 @@ SELECT p.oid, p.nspname, p.relname, rn.nspname AS root_schema, rc.relname AS roo
                                            + pg_stat_get_autovacuum_count(p.reltoastrelid) END AS toast_vacuums,
        CASE WHEN p.reltoastrelid <> 0 THEN pg_stat_get_ins_since_vacuum(p.reltoastrelid) END AS toast_ins_since_vacuum,
        pg_stat_get_last_vacuum_time(p.oid) AS last_vacuum, pg_stat_get_last_autovacuum_time(p.oid) AS last_autovacuum,
-       greatest(pg_stat_get_last_analyze_time(p.oid), pg_stat_get_last_autoanalyze_time(p.oid)) AS last_analyze
+       greatest(pg_stat_get_last_analyze_time(p.oid), pg_stat_get_last_autoanalyze_time(p.oid)) AS last_analyze,
+       pg_stat_get_mod_since_analyze(p.oid) AS mod_since_analyze
 FROM picked p
 LEFT JOIN exclusive_locks lt ON lt.relation = p.reltoastrelid
 LEFT JOIN pg_class rc ON rc.oid = p.root
@@ -104,7 +105,8 @@ ORDER BY a.attrelid, a.attnum
 SETTINGS_SQL = """
 SELECT name, setting FROM pg_settings
 WHERE name IN ('block_size', 'autovacuum', 'autovacuum_vacuum_threshold',
-               'autovacuum_vacuum_scale_factor', 'autovacuum_vacuum_max_threshold')
+               'autovacuum_vacuum_scale_factor', 'autovacuum_vacuum_max_threshold',
+               'autovacuum_analyze_threshold', 'autovacuum_analyze_scale_factor')
 """
 
 
@@ -115,6 +117,8 @@ class Settings:
     vacuum_threshold: float = 50
     vacuum_scale_factor: float = 0.2
     vacuum_max_threshold: float = -1  # PostgreSQL 18+; -1 disables
+    analyze_threshold: float = 50
+    analyze_scale_factor: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class TableRow:
     toast_ins_since_vacuum: int = 0
     n_tup_gone: int = 0  # rows updated or deleted since the statistics were reset
     last_analyze: datetime | None = None
+    mod_since_analyze: int = 0  # rows inserted, updated or deleted since the column statistics were taken
 
     @property
     def qualified(self) -> str:
@@ -169,6 +174,8 @@ def settings_from_rows(rows: Sequence[tuple[str, str]]) -> Settings:
         vacuum_threshold=float(values.get("autovacuum_vacuum_threshold", 50)),
         vacuum_scale_factor=float(values.get("autovacuum_vacuum_scale_factor", 0.2)),
         vacuum_max_threshold=float(values.get("autovacuum_vacuum_max_threshold", -1)),
+        analyze_threshold=float(values.get("autovacuum_analyze_threshold", 50)),
+        analyze_scale_factor=float(values.get("autovacuum_analyze_scale_factor", 0.1)),
     )
 
 
@@ -206,6 +213,7 @@ def row_from_record(rec: Mapping[str, Any], columns: tuple[Column, ...] = ()) ->
         toast_ins_since_vacuum=_int(rec["toast_ins_since_vacuum"]),
         n_tup_gone=_int(rec["n_tup_gone"]),
         last_analyze=rec["last_analyze"],
+        mod_since_analyze=_int(rec.get("mod_since_analyze")),
     )
 
 

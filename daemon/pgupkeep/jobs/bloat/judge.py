@@ -83,6 +83,13 @@ def finding(t: TableBloat, section: BloatSection, vacuum: str) -> Finding:
         detail["toast"] = t.toast.to_dict() if t.toast is not None else None
     if t.partitions:
         detail["partitions"] = t.partitions
+    stale = ""
+    if t.basis == "pg_stats_stale" and t.heap is not None and t.heap.method == "estimate":
+        detail["changed_since_analyze"] = t.changed_since_analyze
+        stale = (
+            f"; the heap figure is estimated from column statistics taken before {t.changed_since_analyze} rows "
+            f"changed (ANALYZE {t.table}, or allow pgstattuple_approx, for a firmer figure)"
+        )
     parts = ""
     if t.toast is not None and t.toast.size_bytes and t.heap is not None:
         parts = f" (heap {t.heap.bloat_bytes} of {t.heap.size_bytes}, TOAST {t.toast.bloat_bytes} of {t.toast.size_bytes})"
@@ -92,7 +99,7 @@ def finding(t: TableBloat, section: BloatSection, vacuum: str) -> Finding:
         value=round(t.bloat_ratio, 4),
         message=(
             f"{t.table}: {t.bloat_ratio:.0%} of {t.size_bytes} bytes wasted{parts} ({t.method}), "
-            f"{t.dead_tuples} dead tuples ({t.dead_tuple_ratio:.0%}); {text}"
+            f"{t.dead_tuples} dead tuples ({t.dead_tuple_ratio:.0%}); {text}{stale}"
         ),
         detail=detail,
     )
