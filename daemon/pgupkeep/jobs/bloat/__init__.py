@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -60,6 +60,13 @@ def assess(
         index_skipped_finding(i) for i in out.index_rows
         if i.size_bytes is None and i.lock_granted is not None and i.relpages * settings.block_size >= section.min_index_size
     ]  # fmt: skip
+    # Where a table's counters were not believed (estimate.live_tuples), its indexes' entries follow.
+    counted = {t.oid: t.live_tuples + t.dead_tuples for t in measured if t.oid is not None}
+    out.index_rows = [
+        replace(i, table_tuples=counted[i.table_oid])
+        if i.table_oid in counted and counted[i.table_oid] < i.table_tuples else i
+        for i in out.index_rows
+    ]
     out.indexes = [
         estimate_index(i, settings) for i in out.index_rows
         if i.am == "btree" and i.valid and not i.transient and i.size_bytes is not None and i.size_bytes >= section.min_index_size

@@ -88,12 +88,34 @@ def reserve_bytes(pages: float, ff: int, block_size: int) -> float:
     return pages * block_size * (100 - ff) / 100
 
 
-def live_tuples(row: TableRow) -> int:
-    # n_live_tup follows every insert and delete at once, while reltuples waits for the next
-    # VACUUM/ANALYZE; after a statistics reset (all counters zero) reltuples is all we have.
-    if row.stats_seen or row.n_live_tup or row.n_dead_tup:
-        return row.n_live_tup
-    return max(0, int(row.reltuples))
+# Counters claiming this many times more rows than the pages can hold are not believed.
+IMPOSSIBLE_ROWS = 1.25
+
+
+def live_tuples(row: TableRow, s: Settings | None = None) -> int:
+    """The table's live rows by its counters, unless they are impossible for its size.
+
+    n_live_tup follows every insert and delete at once, while reltuples waits for the next
+    VACUUM/ANALYZE; after a statistics reset (all counters zero) reltuples is all we have. A bulk
+    load followed by ANALYZE in the same session double-counts: ANALYZE sets n_live_tup, then the
+    load's own counts (flushed later) add to it. Rows that cannot fit in the pages the table has
+    are such a count; reltuples (as of that ANALYZE) stands in for it.
+    """
+    if not (row.stats_seen or row.n_live_tup or row.n_dead_tup):
+        return max(0, int(row.reltuples))
+    live = row.n_live_tup
+    fits = capacity(row, s) if s is not None else None
+    if fits is not None and live + row.n_dead_tup > IMPOSSIBLE_ROWS * fits:
+        live = int(min(max(row.reltuples, 0.0), max(0.0, fits - row.n_dead_tup)))
+    return live
+
+
+def capacity(row: TableRow, s: Settings) -> float | None:
+    """Rows of the statistics' average layout that the table's pages can hold (None: unknown)."""
+    layout = heap_tuple(row.columns, row.natts)
+    if layout is None or row.size_bytes is None:
+        return None
+    return row.size_bytes / s.block_size * math.floor((s.block_size - PAGE_OVERHEAD) / layout[0])
 
 
 def autovacuum_threshold(row: TableRow, s: Settings) -> tuple[float, bool]:
@@ -148,7 +170,7 @@ def heap_wasted(row: TableRow, s: Settings) -> tuple[float, str]:
     if size == 0:
         return 0.0, "pg_stats" if row.columns else "none"
     pages = size / s.block_size
-    live = live_tuples(row)
+    live = live_tuples(row, s)
     ff = fillfactor(row)
     layout = heap_tuple(row.columns, row.natts)
     if layout is not None:
@@ -211,7 +233,7 @@ def estimate(row: TableRow, s: Settings) -> TableBloat:
         table=row.qualified,
         size_bytes=0,
         dead_tuples=row.n_dead_tup,
-        live_tuples=live_tuples(row),
+        live_tuples=live_tuples(row, s),
         bloat_bytes=0,
         method="estimate",
         basis=basis,
