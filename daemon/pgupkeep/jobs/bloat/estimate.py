@@ -118,23 +118,28 @@ def capacity(row: TableRow, s: Settings) -> float | None:
     return row.size_bytes / s.block_size * math.floor((s.block_size - PAGE_OVERHEAD) / layout[0])
 
 
-def autovacuum_threshold(row: TableRow, s: Settings) -> tuple[float, bool]:
-    """(dead-tuple threshold, autovacuum enabled) by the table's reloptions, else the server's."""
-    opts = row.reloptions
+def _reloption(row: TableRow):
+    """A numeric reloption of the table, or the given server default where unset or unreadable."""
 
     def opt(name: str, default: float) -> float:
         try:
-            return float(opts[name]) if name in opts else default
+            return float(row.reloptions[name]) if name in row.reloptions else default
         except ValueError:
             return default
 
+    return opt
+
+
+def autovacuum_threshold(row: TableRow, s: Settings) -> tuple[float, bool]:
+    """(dead-tuple threshold, autovacuum enabled) by the table's reloptions, else the server's."""
+    opt = _reloption(row)
     base = opt("autovacuum_vacuum_threshold", s.vacuum_threshold)
     scale = opt("autovacuum_vacuum_scale_factor", s.vacuum_scale_factor)
     cap = opt("autovacuum_vacuum_max_threshold", s.vacuum_max_threshold)
     threshold = base + scale * max(0.0, row.reltuples)
     if cap >= 0:
         threshold = min(threshold, cap)
-    enabled = s.autovacuum and opts.get("autovacuum_enabled", "true").lower() not in ("false", "off", "0", "no")
+    enabled = s.autovacuum and row.reloptions.get("autovacuum_enabled", "true").lower() not in ("false", "off", "0", "no")
     return threshold, enabled
 
 
@@ -144,14 +149,7 @@ def statistics_stale(row: TableRow, s: Settings) -> bool:
     statistics say. A delete that took mostly narrow (or null) rows leaves wider rows than the
     statistics describe, which no model from statistics can see: the figure is then marked, and
     measuring (pgstattuple_approx) or an ANALYZE settles it."""
-    opts = row.reloptions
-
-    def opt(name: str, default: float) -> float:
-        try:
-            return float(opts[name]) if name in opts else default
-        except ValueError:
-            return default
-
+    opt = _reloption(row)
     threshold = opt("autovacuum_analyze_threshold", s.analyze_threshold) + opt(
         "autovacuum_analyze_scale_factor", s.analyze_scale_factor
     ) * max(0.0, row.reltuples)
