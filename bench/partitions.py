@@ -4,8 +4,9 @@ same PostgreSQL, same database, identical sets of monthly tables (premake 3), on
     python bench/partitions.py [--tables 100 1000] [--runs 5] [--lock-tables 100]
 
 Workloads, each a median of --runs runs, interleaved so both tools see the same machine load:
-  steady  nothing to create: partman.run_maintenance() vs pgupkeep's partitions job (a runner that
-          has run before, and a fresh one: the first run after a start reads every bound);
+  steady  nothing to create: partman.run_maintenance() (--steady proc: run_maintenance_proc()) vs
+          pgupkeep's partitions job (a runner that has run before, and a fresh one: the first run
+          after a start reads every bound);
   one-new the newest partition of every table dropped before each run, so each tool creates one
           partition per table: CALL partman.run_maintenance_proc() vs pgupkeep;
   lock    a reader holds ACCESS SHARE on one table (parent, partitions, default) for 5 s while the
@@ -155,25 +156,30 @@ def timed_sql(db: str, statement: str) -> float:
         return time.perf_counter() - t0
 
 
-def bench_tables(n: int, runs: int, fn_runs: int = 2) -> list[list[str]]:
+STEADY_CALLS = {"fn": ("SELECT partman.run_maintenance()", "run_maintenance()"),
+                "proc": ("CALL partman.run_maintenance_proc()", "run_maintenance_proc()")}
+
+
+def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn") -> list[list[str]]:
     rows = []
     with scratch_database(f"bench_partitions_{n}") as db:
         setup(db, n)
         runner = pgupkeep_runner(db, n)
         # Warm-up, and a check that both sides start at the same steady state.
-        timed_sql(db, "SELECT partman.run_maintenance()")
+        steady_sql, steady_name = STEADY_CALLS[steady]
+        timed_sql(db, steady_sql)
         run_pgupkeep(runner, expect_creates=0)
         # pgupkeep's runner keeps each table's bounds between runs and re-reads only tables whose
         # partitions changed; a fresh runner's first run (a daemon just started, `once`, `plan`)
         # reads them all, so it is measured too.
         pm_steady, pu_steady, pu_first = [], [], []
         for _ in range(runs):
-            pm_steady.append(timed_sql(db, "SELECT partman.run_maintenance()"))
+            pm_steady.append(timed_sql(db, steady_sql))
             pu_steady.append(run_pgupkeep(runner, expect_creates=0))
             pu_first.append(run_pgupkeep(pgupkeep_runner(db, n), expect_creates=0))
         pm_m, pu_m, first_m = median(pm_steady), median(pu_steady), median(pu_first)
-        rows.append([f"{n} tables, steady state", "run_maintenance()", fmt_s(pm_m), fmt_s(pu_m), ratio(pu_m, pm_m)])
-        rows.append([f"{n} tables, steady state, first run after start", "run_maintenance()", fmt_s(pm_m), fmt_s(first_m),
+        rows.append([f"{n} tables, steady state", steady_name, fmt_s(pm_m), fmt_s(pu_m), ratio(pu_m, pm_m)])
+        rows.append([f"{n} tables, steady state, first run after start", steady_name, fmt_s(pm_m), fmt_s(first_m),
                      ratio(first_m, pm_m)])
         print(f"  steady {n}: partman {[round(x, 3) for x in pm_steady]} pgupkeep {[round(x, 3) for x in pu_steady]} "
               f"first run {[round(x, 3) for x in pu_first]}", flush=True)
@@ -318,6 +324,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--lock-tables", type=int, default=100, help="tables in the lock-contention database (0: skip)")
     ap.add_argument("--lock-runs", type=int, default=3)
+    ap.add_argument("--steady", choices=sorted(STEADY_CALLS), default="fn",
+                    help="pg_partman's steady-state call: run_maintenance() (one transaction; out of shared memory "
+                         "at 10,000 tables on a default server) or run_maintenance_proc() (a transaction a table)")
     ap.add_argument("--fn-runs", type=int, default=2,
                     help="runs of the single-transaction run_maintenance() beside run_maintenance_proc() (0: skip)")
     args = ap.parse_args()
@@ -326,7 +335,7 @@ def main() -> None:
     print_header("Partitions: pg_partman vs pgupkeep")
     rows = []
     for n in args.tables:
-        rows += bench_tables(n, args.runs, args.fn_runs)
+        rows += bench_tables(n, args.runs, args.fn_runs, args.steady)
     print(f"\nmedians of {args.runs} runs; ratio = pgupkeep / pg_partman\n")
     print(table(["workload", "pg_partman call", "pg_partman", "pgupkeep", "ratio"], rows), flush=True)
     if args.lock_tables:
