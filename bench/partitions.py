@@ -16,6 +16,7 @@ Workloads, each a median of --runs runs, interleaved so both tools see the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import time
 from datetime import UTC, datetime
@@ -160,11 +161,17 @@ STEADY_CALLS = {"fn": ("SELECT partman.run_maintenance()", "run_maintenance()"),
                 "proc": ("CALL partman.run_maintenance_proc()", "run_maintenance_proc()")}
 
 
-def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn") -> list[list[str]]:
+def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn", keep: bool = False, reuse: bool = False) -> list[list[str]]:
     rows = []
-    with scratch_database(f"bench_partitions_{n}") as db:
-        setup(db, n)
+    name = f"bench_partitions_{n}"
+    # --reuse: the database a run with --keep left (at 10,000 tables the setup takes 20-30 min).
+    with contextlib.nullcontext(name) if reuse else scratch_database(name, keep=keep) as db:
+        if not reuse:
+            setup(db, n)
         runner = pgupkeep_runner(db, n)
+        if reuse:  # an earlier run may have stopped between a drop and the recreation
+            timed_sql(db, "CALL partman.run_maintenance_proc()")
+            run_pgupkeep(runner)
         # Warm-up, and a check that both sides start at the same steady state.
         steady_sql, steady_name = STEADY_CALLS[steady]
         timed_sql(db, steady_sql)
@@ -327,6 +334,8 @@ def main() -> None:
     ap.add_argument("--steady", choices=sorted(STEADY_CALLS), default="fn",
                     help="pg_partman's steady-state call: run_maintenance() (one transaction; out of shared memory "
                          "at 10,000 tables on a default server) or run_maintenance_proc() (a transaction a table)")
+    ap.add_argument("--keep", action="store_true", help="keep each bench_partitions_N database (for --reuse)")
+    ap.add_argument("--reuse", action="store_true", help="run on the bench_partitions_N databases --keep left, without setup")
     ap.add_argument("--fn-runs", type=int, default=2,
                     help="runs of the single-transaction run_maintenance() beside run_maintenance_proc() (0: skip)")
     args = ap.parse_args()
@@ -335,7 +344,7 @@ def main() -> None:
     print_header("Partitions: pg_partman vs pgupkeep")
     rows = []
     for n in args.tables:
-        rows += bench_tables(n, args.runs, args.fn_runs, args.steady)
+        rows += bench_tables(n, args.runs, args.fn_runs, args.steady, args.keep, args.reuse)
     print(f"\nmedians of {args.runs} runs; ratio = pgupkeep / pg_partman\n")
     print(table(["workload", "pg_partman call", "pg_partman", "pgupkeep", "ratio"], rows), flush=True)
     if args.lock_tables:
