@@ -92,30 +92,24 @@ def reserve_bytes(pages: float, ff: int, block_size: int) -> float:
 IMPOSSIBLE_ROWS = 1.25
 
 
-def live_tuples(row: TableRow, s: Settings | None = None) -> int:
+def live_tuples(row: TableRow, s: Settings, layout: tuple[float, float] | None) -> int:
     """The table's live rows by its counters, unless they are impossible for its size.
 
     n_live_tup follows every insert and delete at once, while reltuples waits for the next
     VACUUM/ANALYZE; after a statistics reset (all counters zero) reltuples is all we have. A bulk
     load followed by ANALYZE in the same session double-counts: ANALYZE sets n_live_tup, then the
-    load's own counts (flushed later) add to it. Rows that cannot fit in the pages the table has
-    are such a count; reltuples (as of that ANALYZE) stands in for it.
+    load's own counts (flushed later) add to it. More rows than the pages can hold (at the
+    statistics' average layout, `heap_tuple`) are such a count; reltuples (as of that ANALYZE)
+    stands in for it.
     """
     if not (row.stats_seen or row.n_live_tup or row.n_dead_tup):
         return max(0, int(row.reltuples))
     live = row.n_live_tup
-    fits = capacity(row, s) if s is not None else None
-    if fits is not None and live + row.n_dead_tup > IMPOSSIBLE_ROWS * fits:
-        live = int(min(max(row.reltuples, 0.0), max(0.0, fits - row.n_dead_tup)))
+    if layout is not None and row.size_bytes is not None:
+        fits = row.size_bytes / s.block_size * math.floor((s.block_size - PAGE_OVERHEAD) / layout[0])
+        if live + row.n_dead_tup > IMPOSSIBLE_ROWS * fits:
+            live = int(min(max(row.reltuples, 0.0), max(0.0, fits - row.n_dead_tup)))
     return live
-
-
-def capacity(row: TableRow, s: Settings) -> float | None:
-    """Rows of the statistics' average layout that the table's pages can hold (None: unknown)."""
-    layout = heap_tuple(row.columns, row.natts)
-    if layout is None or row.size_bytes is None:
-        return None
-    return row.size_bytes / s.block_size * math.floor((s.block_size - PAGE_OVERHEAD) / layout[0])
 
 
 def _reloption(row: TableRow):
@@ -156,7 +150,7 @@ def statistics_stale(row: TableRow, s: Settings) -> bool:
     return row.mod_since_analyze > threshold
 
 
-def heap_wasted(row: TableRow, s: Settings) -> tuple[float, str]:
+def heap_wasted(row: TableRow, s: Settings, layout: tuple[float, float] | None, live: int) -> tuple[float, str]:
     """(wasted heap bytes, what the figure rests on).
 
     Needed = page headers + live rows (aligned tuple and line pointer) + dead rows' line pointers
@@ -168,9 +162,7 @@ def heap_wasted(row: TableRow, s: Settings) -> tuple[float, str]:
     if size == 0:
         return 0.0, "pg_stats" if row.columns else "none"
     pages = size / s.block_size
-    live = live_tuples(row, s)
     ff = fillfactor(row)
-    layout = heap_tuple(row.columns, row.natts)
     if layout is not None:
         per_tuple, t_len = layout
         # Line pointers of rows VACUUM removed stay on the page (unused, 4 bytes each) until a new
@@ -225,13 +217,15 @@ def toast_wasted(row: TableRow, s: Settings) -> float:
 def estimate(row: TableRow, s: Settings) -> TableBloat:
     """A table's figures, heap plus TOAST, from the catalog alone."""
     assert row.size_bytes is not None
-    heap_waste, basis = heap_wasted(row, s)
+    layout = heap_tuple(row.columns, row.natts)
+    live = live_tuples(row, s, layout)
+    heap_waste, basis = heap_wasted(row, s, layout, live)
     threshold, enabled = autovacuum_threshold(row, s)
     t = TableBloat(
         table=row.qualified,
         size_bytes=0,
         dead_tuples=row.n_dead_tup,
-        live_tuples=live_tuples(row, s),
+        live_tuples=live,
         bloat_bytes=0,
         method="estimate",
         basis=basis,

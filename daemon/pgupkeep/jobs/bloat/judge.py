@@ -84,7 +84,7 @@ def finding(t: TableBloat, section: BloatSection, vacuum: str) -> Finding:
     if t.partitions:
         detail["partitions"] = t.partitions
     stale = ""
-    if t.basis == "pg_stats_stale" and t.heap is not None and t.heap.method == "estimate":
+    if t.basis == "pg_stats_stale":  # a measured heap has basis "measured"
         detail["changed_since_analyze"] = t.changed_since_analyze
         stale = (
             f"; the heap figure is estimated from column statistics taken before {t.changed_since_analyze} rows "
