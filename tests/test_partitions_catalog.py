@@ -156,7 +156,7 @@ def test_the_catalog_read_scans_foreign_keys_once_whatever_the_planner_estimates
     _setup(conn)
     names = [f"t{i}" for i in range(5000)] + list(TABLES)
     query = "EXPLAIN " + TABLES_SQL.replace("{may_set}", MAY_SET_15)
-    params = {"schemas": ["public"] * len(names), "names": names, "digests": True}
+    params = {"schemas": ["public"] * len(names), "names": names, "offset": 0, "digests": True, "retention": True}
     conn.execute("SET enable_hashjoin = off")  # push the planner towards nested loops
     plan = "\n".join(r[0] for r in conn.execute(query, params).fetchall())
     assert "CTE referenced" in plan and "CTE marked" in plan

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from pgupkeep.jobs.base import JobContext, JobKind
 from pgupkeep.jobs.partitions import grid
-from pgupkeep.jobs.partitions.catalog import Table, read_catalog, validate
+from pgupkeep.jobs.partitions.catalog import Settled, Table, read_catalog, rebuilt, validate
 from pgupkeep.jobs.partitions.ddl import DdlStep, create_steps, storage_problem
 from pgupkeep.jobs.partitions.grid import Partition
 from pgupkeep.jobs.partitions.locks import lock_in_the_way
@@ -126,19 +126,42 @@ def default_findings(t: Table, tz: ZoneInfo) -> tuple[list[Finding], ItemError |
     return findings, error
 
 
+def settle_key(ctx: JobContext, t: Table, version: int) -> tuple[object, ...] | None:
+    """What a time-keyed table's plan depends on besides its catalog row and partitions: the
+    calendar slots it wants now, the partitions due for retirement now, the server and the
+    timezone. None for integer keys, whose plan depends on the max key read each run."""
+    p = t.policy
+    if isinstance(p.interval, int):
+        return None
+    slots = tuple(grid.time_slots(ctx.now, p.interval, t.kind, ctx.timezone, p.premake))
+    due: tuple[Partition, ...] = ()
+    if p.retention is not None and not t.referenced:
+        due = tuple(grid.retirable(t.parts, grid.time_cutoff(ctx.now, p.retention, t.kind, ctx.timezone), slots[0].lo))
+    return slots, due, version, ctx.timezone
+
+
 def plan(ctx: JobContext) -> Plan:
     out = Plan()
     tz, version = ctx.timezone, ctx.conn.info.server_version
     known = ctx.memo.setdefault("partitions", {})
-    tables = read_catalog(ctx.conn, ctx.section.tables, known) if ctx.section.tables else []
+    previous: dict[int, Table] = ctx.memo.setdefault("settled", {})
+    tables = read_catalog(ctx.conn, ctx.section.tables, known, previous, ctx.connect) if ctx.section.tables else []
+    # A table the last run planned with nothing to do, whose catalog row and partitions are the
+    # same, is not planned again unless the clock moved what it wants (see Settled). At 10,000
+    # tables planning each again was half of a run that had nothing to do.
+    for i, t in enumerate(tables):
+        if t.settled is not None and t.settled.key != settle_key(ctx, t, version):
+            tables[i] = rebuilt(t)
     ok = []
     for t in tables:
-        error = validate(t)
+        error = None if t.settled else validate(t)
         if error:
             out.errors.append(ItemError(t.label, error))
         else:
             ok.append(t)
     for t in ok:
+        if t.settled:
+            continue
         # A table whose reads would wait behind another session's lock is left alone this run,
         # before any read of it could stall (or, in a shared statement, fail) the others. One
         # pgupkeep may not change is read no further: its DDL would fail half-way.
@@ -147,25 +170,42 @@ def plan(ctx: JobContext) -> Plan:
     read_integer_bases(ctx.conn, [t for t in ok if t.kind == "integer" and not (t.blocked or t.denied)])
     planned = [t for t in ok if t.kind != "integer" or t.base is not None]
     growth = ctx.memo.setdefault("growth", {})
+    found: dict[int, list[Finding]] = {}  # id(table) -> what planning it found
     for t in planned:
-        out.findings.extend(plan_table(t, ctx.now, tz))
+        if t.settled:
+            out.findings.extend(t.settled.findings)
+            continue
+        found[id(t)] = plan_table(t, ctx.now, tz)
+        out.findings.extend(found[id(t)])
         if t.kind == "integer":
             assert t.base is not None
             t.growth, growth[t.label] = grid.key_growth(growth.get(t.label, ()), ctx.now.timestamp(), t.base)
     # An empty default partition (0 bytes) holds no rows: only the others are counted, including
     # any whose size was not read (None). The count is exact, taken just before the DDL; a row
     # arriving after it makes ATTACH fail for that table alone.
-    probe_defaults(ctx.conn, [t for t in planned if not (t.blocked or t.denied) and t.default is not None and t.default_bytes != 0])
-    assign_names(ctx.conn, [t for t in planned if not (t.blocked or t.denied)])
+    todo = [t for t in planned if not (t.settled or t.blocked or t.denied)]
+    probe_defaults(ctx.conn, [t for t in todo if t.default is not None and t.default_bytes != 0])
+    assign_names(ctx.conn, todo)
     gauged: list[Table] = []
-    for t in ok:
-        if t.blocked or t.denied:
+    previous.clear()
+    for position, t in enumerate(tables, start=1):
+        if t.settled:
+            gauged.append(t)
+            previous[position] = t
+        elif t.blocked or t.denied:
             out.errors.append(ItemError(t.label, t.blocked or t.denied or ""))
             if t in planned:
                 gauged.append(t)
-        else:
+        elif id(t) in found:
+            errors = len(out.errors)
             table_steps(ctx, t, out)
             gauged.append(t)
+            if not (t.steps or len(out.errors) > errors or t.default_rows or t.kind == "integer"
+                    or (t.default is not None and t.default_bytes != 0)):
+                key = settle_key(ctx, t, version)
+                assert key is not None
+                t.settled = Settled(key, tuple(found[id(t)]))
+                previous[position] = t
 
     def settle(applied: Sequence[Step]) -> JobOutput:
         done = {id(step) for step in applied}
@@ -230,6 +270,10 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | P
     integer = t.kind == "integer"
     at = t.base if integer else grid.now_key(ctx.now, t.kind, ctx.timezone)
     assert at is not None
+    if t.gauged is not None and t.gauged[0] <= at < t.gauged[1] and t.settled is not None and not t.steps:
+        # A settled table whose current partition is the same: only the runway moved.
+        end, kept = t.gauged[2], t.gauged[3]
+        return [*kept, Sample("partition_runway_seconds", (end - at) / grid.US, labels)]
     premade, reach = grid.runway(parts, at)
     want = p.runway_warn if p.runway_warn is not None else p.premake
     premake = p.premake
@@ -259,6 +303,9 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | P
         samples.append(Sample("partition_runway_seconds", runway["runway_seconds"], labels))
     if p.retention is not None or t.marked:
         samples.append(Sample("partitions_detached", float(detached_after(t, t.steps)), labels))
+    current = grid.holding(parts, at)
+    if t.settled is not None and not (integer or t.steps) and premade >= want and current is not None:
+        t.gauged = (current.lo, current.hi, at + reach, tuple(s for s in samples if s.metric != "partition_runway_seconds"))
     if premade < want:
         out.findings.append(Finding(
             "partition_runway_low", t.label, premade,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +27,14 @@ if TYPE_CHECKING:
 
 # A digest of one attached partition: its name, schema, bound and pending-detach flag, hashed
 # together as one row and seeded with its oid, so that any change to them (ATTACH, DETACH, RENAME,
-# two partitions swapping names, SET SCHEMA, a schema rename) changes its table's digest, the XOR
-# of its partitions' digests. The bound's stored node tree is hashed as it is, which costs a tenth
-# of deparsing it; hashing content rather than comparing row versions (xmin) holds however the
-# server updates its catalog rows.
-PART_DIGEST = """hash_record_extended(ROW(pc.relname, pn.nspname, i.inhdetachpending, pc.relpartbound::text), pc.oid::bigint)"""
+# two partitions swapping names, SET SCHEMA) changes its table's digest, the XOR of its partitions'
+# digests. The schema is taken by oid: looking its name up for each of 80,000 partitions was half
+# the cost of the digest. A schema renamed changes NAMESPACES_DIGEST instead, and every table is
+# read again. The bound's stored node tree is hashed as it is, which costs a tenth of deparsing
+# it; hashing content rather than comparing row versions (xmin) holds however the server updates
+# its catalog rows.
+PART_DIGEST = """hash_record_extended(ROW(pc.relname, pc.relnamespace, i.inhdetachpending, pc.relpartbound::text), pc.oid::bigint)"""
+NAMESPACES_DIGEST = "(SELECT bit_xor(hashtextextended(nspname::text, oid::bigint)) FROM pg_namespace)"
 
 # One row per managed table, in policy order (a missing or unpartitioned table still has its row):
 # what the policy's checks need, the count and digest of its attached partitions, and other
@@ -51,7 +55,8 @@ TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS MATERIALIZED (
   -- inlined, the planner may put this scan of pg_constraint on the inner side of a nested loop
   -- over the managed tables; once the catalogs' statistics grew (180,000 relations) it did, and
   -- one read of 10,000 tables took 200 s instead of 0.8 s.
-  SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f'
+  -- Only retention needs it: without retention in the policy the scan is skipped.
+  SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f' AND %(retention)s
 ), marked AS MATERIALIZED (
   SELECT substr(k.line, length(split_part(k.line, ':', 3)) + 18) AS parent,
          json_agg(json_build_array(k.nspname, k.relname, split_part(k.line, ':', 3), k.relispartition)
@@ -65,7 +70,7 @@ TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS MATERIALIZED (
   ) k
   GROUP BY 1
 ), managed AS (
-  SELECT m.ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
+  SELECT m.ord + %(offset)s AS ord, c.oid AS parent_oid, c.relkind, pt.partstrat, pt.partnatts, pt.partdefid,
          a.attname AS key_name, t.typname AS key_type, ts.spcname AS tablespace,
          fk.confrelid IS NOT NULL AS referenced, c.relowner, c.relnamespace, c.relacl, c.relreplident,
          '"' || replace(m.nsp, '"', '""') || '"."' || replace(m.rel, '"', '""') || '"' AS quoted
@@ -85,7 +90,8 @@ TABLES_SQL = "WITH " + EXCLUSIVE_LOCKS_CTE + r""", referenced AS MATERIALIZED (
          has_schema_privilege(o.relowner, o.relnamespace, 'CREATE') AS owner_may_create
   FROM (SELECT DISTINCT relowner, relnamespace FROM managed WHERE relowner IS NOT NULL) o
 ), me AS MATERIALIZED (
-  SELECT current_user::text AS role, current_setting('is_superuser') = 'on' AS superuser
+  SELECT current_user::text AS role, current_setting('is_superuser') = 'on' AS superuser,
+         """ + NAMESPACES_DIGEST + r""" AS namespaces
 )
 SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts,
        mg.key_name, mg.key_type, mg.tablespace, mg.referenced, ml.granted, ml.pids, p.n, p.digest,
@@ -109,7 +115,7 @@ SELECT mg.ord, mg.parent_oid, mg.relkind::text, mg.partstrat::text, mg.partnatts
        CASE WHEN mg.relreplident = 'i' THEN
          (SELECT ic.relname FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid
           WHERE x.indrelid = mg.parent_oid AND x.indisreplident) END AS replident_index,
-       mk.rels AS marked
+       mk.rels AS marked, me.namespaces
 FROM managed mg
 CROSS JOIN me
 LEFT JOIN rights r ON r.relowner = mg.relowner AND r.relnamespace = mg.relnamespace
@@ -122,7 +128,6 @@ LEFT JOIN LATERAL (
   SELECT count(*) AS n, bit_xor(""" + PART_DIGEST + """) AS digest
   FROM pg_inherits i
   JOIN pg_class pc ON pc.oid = i.inhrelid
-  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
   WHERE i.inhparent = mg.parent_oid AND %(digests)s
 ) p ON true
 ORDER BY mg.ord
@@ -216,6 +221,12 @@ class Table:
     rights: Rights = field(default_factory=Rights)  # the parent's owner, grants, identity; pgupkeep's rights
     marked: list[Marked] = field(default_factory=list)  # tables a retirement of this parent marked
     denied: str | None = None  # why pgupkeep may not change this table (a right or setting missing)
+    row: tuple[Any, ...] = ()  # the catalog row it was read from
+    known: Known | None = None  # its partitions as read (None: not a single-key range table)
+    settled: Settled | None = None  # set once planned with nothing to do: what the plan found
+    # A settled table's gauges while the key stays in [lo, hi), its current partition: (lo, hi,
+    # the end of its chain of partitions, every sample but the runway's).
+    gauged: tuple[grid.Bound, grid.Bound, grid.Bound, tuple[Any, ...]] | None = None
 
     @property
     def name(self) -> QualifiedName:
@@ -236,18 +247,62 @@ class Known:
 
     count: int
     digest: int | None
+    namespaces: int  # NAMESPACES_DIGEST when read: a schema renamed since means every table is read again
     key_type: str
     parts: tuple[Partition, ...]
     default: Partition | None
 
 
-def _table_rows(conn: psycopg.Connection, tables: Sequence[PartitionTable], digests: bool) -> list[tuple[Any, ...]]:
-    params = {"schemas": [t.table.schema for t in tables], "names": [t.table.name for t in tables], "digests": digests}
+@dataclass(frozen=True)
+class Settled:
+    """A table's plan that found nothing to do (no DDL, no read of the table itself, no error),
+    kept for the next run: while the catalog row, the partitions and `key` (the calendar slots,
+    the partitions due for retirement, the server and timezone) are all the same, planning again
+    would give the same findings and nothing to do, so the next run reuses them."""
+
+    key: tuple[Any, ...]
+    findings: tuple[Any, ...]
+
+
+# From this many tables on, the catalog read is split in two halves read at once, the second on a
+# session of its own: the server's work (index lookups for 80,000 partitions, a size for each
+# default partition) is what a large steady run waits for, and it spreads over two cores.
+SPLIT_TABLES = 2000
+
+
+def _table_rows(
+    conn: psycopg.Connection,
+    tables: Sequence[PartitionTable],
+    digests: bool,
+    connect: Callable[[], psycopg.Connection] | None = None,
+) -> list[tuple[Any, ...]]:
     query = TABLES_SQL.replace("{may_set}", MAY_SET_16 if conn.info.server_version >= 160000 else MAY_SET_15)
-    return read_past_exclusive_locks(lambda: conn.execute(query, params).fetchall())
+    retention = any(t.retention is not None for t in tables)
+
+    def read(session: psycopg.Connection, offset: int, part: Sequence[PartitionTable]) -> list[tuple[Any, ...]]:
+        params = {"schemas": [t.table.schema for t in part], "names": [t.table.name for t in part], "offset": offset,
+                  "digests": digests, "retention": retention}
+        return read_past_exclusive_locks(lambda: session.execute(query, params).fetchall())
+
+    half = len(tables) // 2
+    if connect is None or len(tables) < SPLIT_TABLES:
+        return read(conn, 0, tables)
+
+    def second() -> list[tuple[Any, ...]]:
+        try:
+            session = connect()
+        except psycopg.OperationalError:
+            return read(conn, half, tables[half:])  # no second session (max_connections): one after the other
+        with session:
+            return read(session, half, tables[half:])
+
+    with ThreadPoolExecutor(1) as pool:
+        rest = pool.submit(second)
+        first = read(conn, 0, tables[:half])
+        return first + rest.result()
 
 
-def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[int, Known]:
+def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str], namespaces: int) -> dict[int, Known]:
     """The partitions and bounds of the tables in `wanted` (parent oid -> key type)."""
     rows = conn.execute(PARTS_SQL, {"oids": list(wanted), "key_types": list(wanted.values())}).fetchall()
     parts: dict[int, list[Partition]] = {oid: [] for oid in wanted}
@@ -262,65 +317,99 @@ def _read_partitions(conn: psycopg.Connection, wanted: dict[int, str]) -> dict[i
         hi_v: grid.Bound = hi if hi is not None else (-math.inf if hi_raw == "MINVALUE" else math.inf)
         parts[oid].append(Partition(schema, name, lo_v, hi_v, bool(pending)))
     return {
-        oid: Known(len(ps) + (oid in defaults), digests.get(oid), wanted[oid],
+        oid: Known(len(ps) + (oid in defaults), digests.get(oid), namespaces, wanted[oid],
                    tuple(sorted(ps, key=lambda p: (p.lo, p.hi, p.name))), defaults.get(oid))
         for oid, ps in parts.items()
     }
 
 
 def read_catalog(
-    conn: psycopg.Connection, tables: Sequence[PartitionTable], known: dict[int, Known] | None = None
+    conn: psycopg.Connection,
+    tables: Sequence[PartitionTable],
+    known: dict[int, Known] | None = None,
+    previous: dict[int, Table] | None = None,
+    connect: Callable[[], psycopg.Connection] | None = None,
 ) -> list[Table]:
     """Every managed table as the catalog shows it now.
 
     Deparsing bounds is most of the cost of a read, and bounds seldom change: `known` (parent oid
     -> Known, kept by the caller between runs) holds each table's partitions as last read, and
     only tables whose partition count or digest has changed since are read again. `known` is
-    updated in place to hold this read's tables only."""
+    updated in place to hold this read's tables only.
+
+    `previous` (policy position -> Table, kept by the caller) holds the tables the last run planned
+    with nothing to do (see Settled): one whose catalog row and partitions are unchanged is
+    returned as it was, `settled` and all, and one whose partitions changed is built afresh.
+    `connect` opens another session to read half of a long list of tables on (see SPLIT_TABLES)."""
     known = {} if known is None else known
-    out = [Table(policy=t) for t in tables]
-    current: dict[int, tuple[int, int | None, str]] = {}  # parent oid -> (count, digest, key type)
-    oids: list[int | None] = [None] * len(out)
-    sizes: list[int | None] = [0] * len(out)
-    for row in _table_rows(conn, tables, digests=bool(known)):
-        (ord_, oid, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
-         count, digest, default_bytes, part_locks, role, superuser, owner, usage, member, may_set, may_create,
-         owner_may_create, grants, column_grants, replident, replident_index, marked) = row
-        t = out[ord_ - 1]
-        t.found, t.relkind, t.strategy, t.key_columns = oid is not None, relkind, strat, natts
-        t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
-        if t_granted is not None:
-            parent = f"{t.name.schema}.{t.name.name}"
-            t.locks[parent] = Lock(parent, t_granted, tuple(t_pids))
-        for schema, name, granted, pids in part_locks or ():
-            t.locks[f"{schema}.{name}"] = Lock(f"{schema}.{name}", granted, tuple(pids))
-        t.rights = Rights(
-            role, owner or "", superuser, bool(usage), bool(member), bool(may_set), bool(may_create),
-            bool(owner_may_create), [Grant(*g) for g in (grants or []) + (column_grants or [])],
-            replident or "d", replident_index,
-        )
-        if marked:
-            t.marked = [Marked(*m) for m in marked]
+    previous = {} if previous is None else previous
+    out: list[Table | None] = [None] * len(tables)
+    current: dict[int, tuple[int, int | None, int, str]] = {}  # parent oid -> (count, digest, namespaces, key type)
+    namespaces_now = 0  # the same in every row
+    for row in _table_rows(conn, tables, bool(known), connect):
+        ord_, oid, strat, natts, key_type, count, digest, namespaces = (
+            row[0], row[1], row[3], row[4], row[6], row[11], row[12], row[28])
+        policy, namespaces_now = tables[ord_ - 1], namespaces
+        kept = previous.get(ord_)
+        # The table as the last run planned it, if its row is the same: it is not built again.
+        out[ord_ - 1] = kept if kept is not None and kept.policy is policy and kept.row == row else _table(policy, row)
         if strat == "r" and natts == 1 and key_type is not None:
-            current[oid] = (count, digest, key_type)
-            oids[ord_ - 1], sizes[ord_ - 1] = oid, default_bytes
+            current[oid] = (count, digest, namespaces, key_type)
     stale = {
         oid: key_type
-        for oid, (count, digest, key_type) in current.items()
-        if (k := known.get(oid)) is None or (k.count, k.digest, k.key_type) != (count, digest, key_type)
+        for oid, (count, digest, namespaces, key_type) in current.items()
+        if (k := known.get(oid)) is None or (k.count, k.digest, k.namespaces, k.key_type) != (count, digest, namespaces, key_type)
     }
     for oid in [oid for oid in known if oid not in current]:
         del known[oid]
     if stale:
-        known.update(_read_partitions(conn, stale))
-    for t, oid, size in zip(out, oids, sizes, strict=True):
-        if oid is None:
-            continue
-        k = known[oid]
+        known.update(_read_partitions(conn, stale, namespaces_now))
+    result = []
+    for t in out:
+        assert t is not None
+        k = known.get(t.row[1]) if t.row[1] in current else None
+        if t.settled is not None and t.known is k:
+            result.append(t)  # kept from the last run, partitions and all
+        else:
+            result.append(_with_partitions(_table(t.policy, t.row) if t.settled is not None else t, k))
+    return result
+
+
+def rebuilt(t: Table) -> Table:
+    """A table kept from the last run, built afresh from the same row and partitions, to be
+    planned again."""
+    return _with_partitions(_table(t.policy, t.row), t.known)
+
+
+def _with_partitions(t: Table, k: Known | None) -> Table:
+    t.known = k
+    if k is not None:
         t.parts, t.default = list(k.parts), k.default
         if t.default is not None:
-            t.default_bytes = size
-    return out
+            t.default_bytes = t.row[13]
+    return t
+
+
+def _table(policy: PartitionTable, row: tuple[Any, ...]) -> Table:
+    (_, oid, relkind, strat, natts, key_name, key_type, tablespace, referenced, t_granted, t_pids,
+     _count, _digest, _default_bytes, part_locks, role, superuser, owner, usage, member, may_set, may_create,
+     owner_may_create, grants, column_grants, replident, replident_index, marked, _namespaces) = row
+    t = Table(policy=policy, row=row)
+    t.found, t.relkind, t.strategy, t.key_columns = oid is not None, relkind, strat, natts
+    t.key_name, t.key_type, t.tablespace, t.referenced = key_name, key_type, tablespace, referenced
+    if t_granted is not None:
+        parent = f"{t.name.schema}.{t.name.name}"
+        t.locks[parent] = Lock(parent, t_granted, tuple(t_pids))
+    for schema, name, granted, pids in part_locks or ():
+        t.locks[f"{schema}.{name}"] = Lock(f"{schema}.{name}", granted, tuple(pids))
+    t.rights = Rights(
+        role, owner or "", superuser, bool(usage), bool(member), bool(may_set), bool(may_create),
+        bool(owner_may_create), [Grant(*g) for g in (grants or []) + (column_grants or [])],
+        replident or "d", replident_index,
+    )
+    if marked:
+        t.marked = [Marked(*m) for m in marked]
+    return t
 
 
 def validate(t: Table) -> str | None:

@@ -323,6 +323,11 @@ def runway(parts: Sequence[Partition], at: int) -> tuple[int, Bound]:
     return count, end - at
 
 
+def holding(parts: Sequence[Partition], at: int) -> Partition | None:
+    """The attached partition whose range holds `at` (attached ranges never overlap)."""
+    return next((p for p in parts if not p.pending_detach and p.lo <= at < p.hi), None)
+
+
 GROWTH_WINDOW = 3600.0  # seconds: an integer key's growth is measured over one to two of these
 
 
@@ -339,6 +344,7 @@ def key_growth(anchors: Sequence[tuple[float, int]], now: float, base: int) -> t
     return rate, kept
 
 
+@functools.lru_cache(maxsize=256)  # as _time_slots: a thousand tables usually share a few retentions
 def time_cutoff(now: datetime, retention: Retention, kind: str, tz: ZoneInfo) -> int:
     """Partitions whose upper bound is at or before this key are older than `retention`.
 
