@@ -161,7 +161,8 @@ STEADY_CALLS = {"fn": ("SELECT partman.run_maintenance()", "run_maintenance()"),
                 "proc": ("CALL partman.run_maintenance_proc()", "run_maintenance_proc()")}
 
 
-def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn", keep: bool = False, reuse: bool = False) -> list[list[str]]:
+def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn", keep: bool = False, reuse: bool = False,
+                 new_runs: int | None = None) -> list[list[str]]:
     rows = []
     name = f"bench_partitions_{n}"
     # --reuse: the database a run with --keep left (at 10,000 tables the setup takes 20-30 min).
@@ -192,7 +193,7 @@ def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn", keep: 
               f"first run {[round(x, 3) for x in pu_first]}", flush=True)
 
         pm_new, pu_new, pm_fn = [], [], []
-        for r in range(runs):
+        for r in range(runs if new_runs is None else new_runs):
             assert drop_newest(db, "pm") == n
             pm_new.append(timed_sql(db, "CALL partman.run_maintenance_proc()"))
             if count_newest(db, "pm") != n:
@@ -207,6 +208,8 @@ def bench_tables(n: int, runs: int, fn_runs: int = 2, steady: str = "fn", keep: 
                     print(f"  run_maintenance() failed: {str(exc).strip().splitlines()[0]}", flush=True)
                     pm_fn.append(float("nan"))
                     timed_sql(db, "CALL partman.run_maintenance_proc()")
+        if not pm_new:
+            return rows
         pm_m, pu_m = median(pm_new), median(pu_new)
         rows.append([f"{n} tables, one new partition each", "run_maintenance_proc()", fmt_s(pm_m), fmt_s(pu_m), ratio(pu_m, pm_m)])
         ok = [x for x in pm_fn if x == x]
@@ -336,15 +339,18 @@ def main() -> None:
                          "at 10,000 tables on a default server) or run_maintenance_proc() (a transaction a table)")
     ap.add_argument("--keep", action="store_true", help="keep each bench_partitions_N database (for --reuse)")
     ap.add_argument("--reuse", action="store_true", help="run on the bench_partitions_N databases --keep left, without setup")
+    ap.add_argument("--new-runs", type=int, help="runs of the one-new workload (default: --runs; 0: skip)")
     ap.add_argument("--fn-runs", type=int, default=2,
                     help="runs of the single-transaction run_maintenance() beside run_maintenance_proc() (0: skip)")
     args = ap.parse_args()
     ensure_packages()
     ensure_server()
     print_header("Partitions: pg_partman vs pgupkeep")
+    with connect() as c:
+        print("server: " + ", ".join(f"{k} {c.execute(f'SHOW {k}').fetchone()[0]}" for k in ("shared_buffers", "huge_pages")))
     rows = []
     for n in args.tables:
-        rows += bench_tables(n, args.runs, args.fn_runs, args.steady, args.keep, args.reuse)
+        rows += bench_tables(n, args.runs, args.fn_runs, args.steady, args.keep, args.reuse, args.new_runs)
     print(f"\nmedians of {args.runs} runs; ratio = pgupkeep / pg_partman\n")
     print(table(["workload", "pg_partman call", "pg_partman", "pgupkeep", "ratio"], rows), flush=True)
     if args.lock_tables:

@@ -205,6 +205,7 @@ def plan(ctx: JobContext) -> Plan:
                 key = settle_key(ctx, t, version)
                 assert key is not None
                 t.settled = Settled(key, tuple(found[id(t)]))
+                t.slots = []  # each slot exists: kept for the next run, they would only take memory
                 previous[position] = t
 
     def settle(applied: Sequence[Step]) -> JobOutput:
