@@ -290,8 +290,11 @@ def _table_rows(
     def second() -> list[tuple[Any, ...]]:
         try:
             session = connect()
-        except psycopg.OperationalError:
-            return read(conn, half, tables[half:])  # no second session (max_connections): one after the other
+        except Exception:
+            # No second session: refused (max_connections), or its fence is not free yet (a run of
+            # an earlier leader still writing, which the run's own fence reports before any write).
+            # The halves are read one after the other.
+            return read(conn, half, tables[half:])
         with session:
             return read(session, half, tables[half:])
 
