@@ -9,7 +9,7 @@ and its TOAST relation.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -112,7 +112,7 @@ def live_tuples(row: TableRow, s: Settings, layout: tuple[float, float] | None) 
     return live
 
 
-def _reloption(row: TableRow):
+def _reloption(row: TableRow) -> Callable[[str, float], float]:
     """A numeric reloption of the table, or the given server default where unset or unreadable."""
 
     def opt(name: str, default: float) -> float:

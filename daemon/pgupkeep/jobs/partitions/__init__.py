@@ -271,7 +271,7 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | P
     integer = t.kind == "integer"
     at = t.base if integer else grid.now_key(ctx.now, t.kind, ctx.timezone)
     assert at is not None
-    if t.gauged is not None and t.gauged[0] <= at < t.gauged[1] and t.settled is not None and not t.steps:
+    if t.settled is not None and t.gauged is not None and t.gauged[0] <= at < t.gauged[1]:
         # A settled table whose current partition is the same: only the runway moved.
         end, kept = t.gauged[2], t.gauged[3]
         return [*kept, Sample("partition_runway_seconds", (end - at) / grid.US, labels)]
@@ -304,8 +304,8 @@ def gauges(ctx: JobContext, t: Table, parts: list[Partition], out: JobOutput | P
         samples.append(Sample("partition_runway_seconds", runway["runway_seconds"], labels))
     if p.retention is not None or t.marked:
         samples.append(Sample("partitions_detached", float(detached_after(t, t.steps)), labels))
-    current = grid.holding(parts, at)
-    if t.settled is not None and not (integer or t.steps) and premade >= want and current is not None:
+    # Settled (a time key, no steps): the samples hold while the key stays in the current partition.
+    if t.settled is not None and premade >= want and (current := grid.holding(parts, at)) is not None:
         t.gauged = (current.lo, current.hi, at + reach, tuple(s for s in samples if s.metric != "partition_runway_seconds"))
     if premade < want:
         out.findings.append(Finding(

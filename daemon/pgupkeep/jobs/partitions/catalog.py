@@ -23,6 +23,7 @@ from pgupkeep.units import QualifiedName
 
 if TYPE_CHECKING:
     from pgupkeep.jobs.partitions.ddl import DdlStep
+    from pgupkeep.results import Finding
 
 # A digest of one attached partition: its name, schema, bound and pending-detach flag, hashed
 # together as one row and seeded with its oid, so that any change to them (ATTACH, DETACH, RENAME,
@@ -131,6 +132,8 @@ LEFT JOIN LATERAL (
 ) p ON true
 ORDER BY mg.ord
 """
+# Where a TABLES_SQL row holds what read_catalog needs before the row becomes a Table (see _table).
+OID, STRATEGY, KEY_COLUMNS, KEY_TYPE, COUNT, DIGEST, DEFAULT_BYTES, NAMESPACES = 1, 3, 4, 6, 11, 12, 13, 28
 MAY_SET_16 = "pg_has_role(o.relowner, 'SET')"
 MAY_SET_15 = "pg_has_role(o.relowner, 'MEMBER')"
 
@@ -260,7 +263,7 @@ class Settled:
     would give the same findings and nothing to do, so the next run reuses them."""
 
     key: tuple[Any, ...]
-    findings: tuple[Any, ...]
+    findings: tuple[Finding, ...]
 
 
 # From this many tables on, the catalog read is split in two halves read at once, the second on a
@@ -349,14 +352,13 @@ def read_catalog(
     current: dict[int, tuple[int, int | None, int, str]] = {}  # parent oid -> (count, digest, namespaces, key type)
     namespaces_now = 0  # the same in every row
     for row in _table_rows(conn, tables, bool(known), connect):
-        ord_, oid, strat, natts, key_type, count, digest, namespaces = (
-            row[0], row[1], row[3], row[4], row[6], row[11], row[12], row[28])
+        ord_, oid, key_type, namespaces = row[0], row[OID], row[KEY_TYPE], row[NAMESPACES]
         policy, namespaces_now = tables[ord_ - 1], namespaces
         kept = previous.get(ord_)
         # The table as the last run planned it, if its row is the same: it is not built again.
         out[ord_ - 1] = kept if kept is not None and kept.policy is policy and kept.row == row else _table(policy, row)
-        if strat == "r" and natts == 1 and key_type is not None:
-            current[oid] = (count, digest, namespaces, key_type)
+        if row[STRATEGY] == "r" and row[KEY_COLUMNS] == 1 and key_type is not None:
+            current[oid] = (row[COUNT], row[DIGEST], namespaces, key_type)
     stale = {
         oid: key_type
         for oid, (count, digest, namespaces, key_type) in current.items()
@@ -369,11 +371,13 @@ def read_catalog(
     result = []
     for t in out:
         assert t is not None
-        k = known.get(t.row[1]) if t.row[1] in current else None
-        if t.settled is not None and t.known is k:
+        k = known.get(t.row[OID]) if t.row[OID] in current else None
+        if t.settled is None:
+            result.append(_with_partitions(t, k))
+        elif t.known is k:
             result.append(t)  # kept from the last run, partitions and all
         else:
-            result.append(_with_partitions(_table(t.policy, t.row) if t.settled is not None else t, k))
+            result.append(_with_partitions(_table(t.policy, t.row), k))  # its partitions changed
     return result
 
 
@@ -388,7 +392,7 @@ def _with_partitions(t: Table, k: Known | None) -> Table:
     if k is not None:
         t.parts, t.default = list(k.parts), k.default
         if t.default is not None:
-            t.default_bytes = t.row[13]
+            t.default_bytes = t.row[DEFAULT_BYTES]
     return t
 
 

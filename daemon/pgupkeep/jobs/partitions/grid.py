@@ -312,7 +312,7 @@ def runway(parts: Sequence[Partition], at: int) -> tuple[int, Bound]:
     Only a contiguous chain counts: a partition beyond a gap does not keep rows out of the default.
     """
     ordered = attached(parts)
-    current = next((p for p in ordered if p.lo <= at < p.hi), None)
+    current = holding(ordered, at)
     if current is None:
         return 0, 0
     by_lo = {p.lo: p for p in ordered}
